@@ -1,0 +1,554 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.7.1", "tokenizers>=0.21.2", "requests>=2.28"]
+# ///
+"""Qwen3 from scratch, in one file of plain PyTorch.
+
+A companion to chapter 2 of *Build a Reasoning Model (From Scratch)*: the same names as the book's
+`reasoning_from_scratch.qwen3` package (`Qwen3Model`, `QWEN_CONFIG_06_B`, `Qwen3Tokenizer`,
+`download_qwen3_small`, `generate_text_basic_cache`, ...), so every snippet of the chapter runs with
+`from qwen3_minimal import ...`, and the book's weight files load with `load_state_dict`.
+
+Read it top to bottom, in the chapter's order:
+  1. device            get_device()                                   (section 2.3)
+  2. tokenizer         Qwen3Tokenizer, chat template, streaming decode (section 2.4)
+  3. model parts       RMSNorm, RoPE, attention, feedforward, block   (section 2.5, figure 2.8)
+  4. the model         Qwen3Model and its configs
+  5. weights           download, safetensors, load_qwen3              (section 2.5)
+  6. generation        basic, KV cache, streaming, sampling, stats    (section 2.6)
+  7. the command line  `python qwen3_minimal.py --help`
+
+References: the Qwen3 technical report (arXiv:2505.09388); Hugging Face transformers'
+`models/qwen3/modeling_qwen3.py` (the reference we match logit for logit); gpt-fast (static KV cache,
+meta-device loading); nanoGPT (the shape of a readable model file).
+"""
+import argparse
+import json
+import math
+import mmap
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =============================================================================================
+# 1. Device
+# A model runs wherever its tensors live. We pick the fastest accelerator that PyTorch sees,
+# exactly as the chapter's get_device() does, and fall back to the CPU, which is enough for
+# chapters 2-4 (the 0.6B model decodes at about 10-20 tokens/s on a laptop CPU).
+# =============================================================================================
+
+
+def get_device(enable_tensor_cores=True):
+    """Return the best available torch.device (CUDA, Apple MPS, Intel XPU, else CPU) and say which."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        print("Using NVIDIA CUDA GPU")
+        if enable_tensor_cores:
+            # Let float32 matrix products use TF32 tensor cores (bfloat16 ones always do).
+            torch.set_float32_matmul_precision("high")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+        print("Using Apple Silicon GPU (MPS)")
+    elif hasattr(torch, "xpu") and torch.xpu.is_available():
+        device = torch.device("xpu")
+        print("Using Intel GPU")
+    else:
+        device = torch.device("cpu")
+        print("Using CPU")
+    return device
+
+
+# =============================================================================================
+# 2. Tokenizer
+# An LLM reads and writes integers, not text (figure 2.5). Qwen3 uses byte-level BPE with a
+# vocabulary of 151,643 regular tokens plus 26 added ones (<|endoftext|>, <|im_start|>, <think>,
+# ...). We do not re-implement BPE (chapter 2 doesn't either): the `tokenizers` library loads
+# tokenizer.json and does the splitting. Our wrapper adds what a Qwen3 user needs on top: the
+# end-of-sequence ids, the chat template, and a decoder that is safe to stream token by token.
+# =============================================================================================
+
+
+class Qwen3Tokenizer:
+    """Qwen3's tokenizer with the book's interface: `encode(text) -> ids`, `decode(ids) -> text`.
+
+    Args:
+        tokenizer_file_path: a tokenizer.json file (the book's tokenizer-base.json or
+            tokenizer-reasoning.json, or an official checkpoint's tokenizer.json).
+        apply_chat_template: wrap every encoded prompt as one user turn of the chat template.
+        add_generation_prompt: end that wrap with the assistant header, so the model answers.
+        add_thinking: leave the think block to the model (True) or close it empty (False).
+    """
+
+    def __init__(self, tokenizer_file_path="tokenizer-base.json", apply_chat_template=False,
+                 add_generation_prompt=False, add_thinking=False):
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_file_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file {path} not found: download it first, e.g. "
+                f"download_qwen3_small(kind='base', tokenizer_only=True, out_dir='{path.parent}')")
+        self._tok = Tokenizer.from_file(str(path))
+        self.chat_wrapped = apply_chat_template  # (the method of that name renders chats)
+        self.add_generation_prompt = add_generation_prompt
+        self.add_thinking = add_thinking
+        self.pad_token_id = self._tok.token_to_id("<|endoftext|>")
+
+        # Which token ends a reply is not written in tokenizer.json. An official checkpoint
+        # folder says it in generation_config.json; for the book's files the name tells:
+        # base models end with <|endoftext|>, chat ("reasoning") models with <|im_end|>,
+        # though they may emit either.
+        self.eos_token_ids = self._eos_ids_from_config(path.parent)
+        if self.eos_token_ids is None:
+            is_base = "base" in path.name.lower() and "reasoning" not in path.name.lower()
+            names = ["<|endoftext|>"] if is_base else ["<|im_end|>", "<|endoftext|>"]
+            self.eos_token_ids = [self._tok.token_to_id(name) for name in names]
+        self.eos_token_id = self.eos_token_ids[0]
+        self.eos_token = self._tok.id_to_token(self.eos_token_id)
+
+    @staticmethod
+    def _eos_ids_from_config(folder):
+        for name in ("generation_config.json", "config.json"):
+            if (folder / name).is_file():
+                eos = json.loads((folder / name).read_text()).get("eos_token_id")
+                if eos is not None:
+                    return list(eos) if isinstance(eos, list) else [eos]
+        return None
+
+    def encode(self, prompt, chat_wrapped=None):
+        """Text -> token ids. Special tokens written in the text (<|im_start|>, <think>, ...)
+        become their single ids, because `tokenizers` matches added tokens before running BPE."""
+        if chat_wrapped if chat_wrapped is not None else self.chat_wrapped:
+            prompt = self.apply_chat_template([{"role": "user", "content": prompt}],
+                                              add_generation_prompt=self.add_generation_prompt,
+                                              enable_thinking=self.add_thinking)
+        return self._tok.encode(prompt, add_special_tokens=False).ids
+
+    def decode(self, token_ids):
+        """Token ids (a list, or a tensor of any shape) -> text, special tokens included."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.reshape(-1).tolist()
+        return self._tok.decode(token_ids, skip_special_tokens=False)
+
+    def decode_stream(self, token_ids):
+        """Yield text as token ids arrive. One Chinese character or emoji can span several
+        byte-level tokens; decoding each token alone would print broken characters, so a
+        DecodeStream holds bytes back until they form whole characters."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=False)
+        for token_id in token_ids:
+            piece = stream.step(self._tok, int(token_id))
+            if piece:
+                yield piece
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=True):
+        """Render a conversation exactly as the official Qwen3 chat template does.
+
+        `messages` is a list of {"role": "system" | "user" | "assistant", "content": str}.
+        Assistant turns before the last user message lose their <think>...</think> part (the
+        model never sees its old reasoning); `enable_thinking=False` pre-fills an empty think
+        block so that the model answers directly.
+        """
+        out = []
+        if messages and messages[0]["role"] == "system":
+            out.append(f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n")
+        user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        last_query = user_turns[-1] if user_turns else len(messages) - 1
+        for i, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            if role == "user" or (role == "system" and i > 0):
+                out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            elif role == "assistant":
+                reasoning = message.get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if "</think>" in content:
+                        reasoning = content.split("</think>")[0].rstrip("\n")
+                        reasoning = reasoning.split("<think>")[-1].lstrip("\n")
+                        content = content.split("</think>")[-1].lstrip("\n")
+                if i > last_query and (i == len(messages) - 1 or reasoning):
+                    out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n"
+                               f"</think>\n\n{content.lstrip(chr(10))}<|im_end|>\n")
+                else:
+                    out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+            elif role != "system":
+                raise ValueError(f"unsupported chat role {role!r}: use 'system', 'user' or 'assistant'")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n")
+            if not enable_thinking:
+                out.append("<think>\n\n</think>\n\n")
+        return "".join(out)
+
+
+# =============================================================================================
+# 3. Model parts, from small to large (figure 2.8, read bottom to top)
+# Qwen3 is a decoder-only transformer: token embedding, 28 identical transformer blocks, a final
+# norm and a linear output head. Each block is pre-norm: x + attention(norm1(x)), then
+# x + feedforward(norm2(x)). We build the parts that a block needs first: RMSNorm, rotary
+# position embeddings (RoPE), the KV cache that attention writes to, grouped-query attention
+# and the SwiGLU feedforward. Shapes use b = batch, T = new tokens, S = all visible tokens.
+# =============================================================================================
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * scale. Unlike LayerNorm it does not
+    subtract the mean and has no bias, which saves work and trains just as well."""
+
+    def __init__(self, emb_dim, eps=1e-6, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim, dtype=dtype))
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        x = x.to(torch.float32)  # squares of bfloat16 values lose too much precision
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # As in transformers: cast back first, then multiply by the scale in the model's dtype.
+        # (The book's RMSNorm multiplies in float32 and casts after; in bfloat16 that rounds
+        # differently, so its logits differ from the reference in the last bits.)
+        return self.scale * x.to(input_dtype)
+
+
+# Rotary position embeddings (RoPE) tell attention where each token sits: every query and key
+# vector is rotated by an angle proportional to its position, so the dot product of a query at
+# position m and a key at position n depends only on the distance m - n. The vector's head_dim
+# entries form head_dim / 2 pairs, each rotated at its own frequency theta_i = base^(-2i/head_dim).
+#
+# Which entries form a pair is a layout choice. The original paper (and Meta's Llama code) pairs
+# neighbours, "interleaved":  (x0, x1), (x2, x3), ...
+# Qwen3 and transformers pair the two halves, "rotate-half": (x0, x_d/2), (x1, x_d/2+1), ...
+#
+#     x = [ x0  x1 | x2  x3 ]              rotated = [ -x2  -x3 | x0  x1 ]
+#           cos0 cos1  cos0 cos1            out = x * cos + rotated * sin
+#
+# so out[0] = x0*cos0 - x2*sin0 and out[2] = x2*cos0 + x0*sin0: a 2-D rotation of (x0, x2).
+# Both layouts encode positions equally well, but weights trained with one give garbage with the
+# other (logits match at position 0, where every angle is 0, and drift after): use rotate-half.
+
+
+def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=torch.float32):
+    """Precompute cos and sin for every position: two tensors of shape (context_length, head_dim)."""
+    assert head_dim % 2 == 0, "head_dim must be even: RoPE rotates pairs of entries"
+    inv_freq = 1.0 / (theta_base ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    positions = torch.arange(context_length, dtype=dtype)
+    angles = positions[:, None] * inv_freq[None, :]   # (context_length, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=1)       # (context_length, head_dim): same angle per pair
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin, offset=0):
+    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1."""
+    num_tokens, head_dim = x.shape[2], x.shape[3]
+    # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
+    # rotates in float32; in bfloat16 the two differ in the last bits.)
+    cos = cos[offset:offset + num_tokens].to(x.dtype)  # (T, head_dim), broadcast over b and heads
+    sin = sin[offset:offset + num_tokens].to(x.dtype)
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """The keys and values that attention has computed so far, kept for reuse.
+
+    Generating token t+1 needs the keys and values of tokens 1..t. Without a cache the model
+    recomputes all of them for every new token; with one it computes only the new token's and
+    reads the rest back. The book grows its cache with torch.cat, copying everything each step;
+    here each layer's buffers are allocated once, for the length the generation needs, and new
+    entries are written by index (the same idea as gpt-fast's static cache).
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=None):
+        shape = (batch_size, cfg["n_kv_groups"], max_len, cfg["head_dim"])
+        dtype = dtype or cfg["dtype"]
+        self.layers = [(torch.zeros(shape, device=device, dtype=dtype),   # keys
+                        torch.zeros(shape, device=device, dtype=dtype))   # values
+                       for _ in range(cfg["n_layers"])]
+        self.max_len = max_len
+        self.pos = 0  # positions 0 .. pos-1 are filled
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention in which groups of query heads share one key/value head.
+
+    Qwen3-0.6B has 16 query heads and 8 key/value heads ("n_kv_groups" in the book's configs):
+    query heads 0-1 read kv head 0, heads 2-3 read kv head 1, and so on. That halves the KV
+    cache without hurting quality much. Qwen3 adds QK-norm: an RMSNorm over each head's query
+    and key vectors, before RoPE, which keeps attention logits in a stable range.
+    Note that num_heads * head_dim need not equal d_in (0.6B: 16 * 128 = 2048 vs 1024).
+    """
+
+    def __init__(self, d_in, num_heads, num_kv_groups, head_dim, qk_norm=True, dtype=None):
+        super().__init__()
+        assert num_heads % num_kv_groups == 0, "num_heads must be a multiple of num_kv_groups"
+        self.num_heads, self.num_kv_groups, self.head_dim = num_heads, num_kv_groups, head_dim
+        self.group_size = num_heads // num_kv_groups
+        self.d_out = num_heads * head_dim
+        self.W_query = nn.Linear(d_in, self.d_out, bias=False, dtype=dtype)
+        self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
+        self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
+        self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
+        # Every Qwen3 model uses QK-norm; the config flag is kept for the book's config dicts.
+        self.q_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        b, num_tokens, _ = x.shape
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim)
+        keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim)
+        values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim)
+
+        # QK-norm per head, then heads become a batch dimension for the attention products
+        queries = self.q_norm(queries).transpose(1, 2)  # (b, num_heads, T, head_dim)
+        keys = self.k_norm(keys).transpose(1, 2)        # (b, num_kv_groups, T, head_dim)
+        values = values.transpose(1, 2)                 # (b, num_kv_groups, T, head_dim)
+        queries = apply_rope(queries, cos, sin)
+        keys = apply_rope(keys, cos, sin)
+
+        end_pos = start_pos + num_tokens
+        if cache is not None:
+            # Write the new keys and values at their positions, then attend to everything so far.
+            # (The book's version: keys = torch.cat([cached_keys, keys], dim=2).)
+            cached_keys, cached_values = cache          # (b, num_kv_groups, max_len, head_dim)
+            cached_keys[:, :, start_pos:end_pos] = keys
+            cached_values[:, :, start_pos:end_pos] = values
+            keys, values = cached_keys[:, :, :end_pos], cached_values[:, :, :end_pos]  # S = end_pos
+
+        # The plain idea, as in the book (with keys and values repeated group_size times):
+        #     scores = queries @ keys.transpose(2, 3) / head_dim**0.5   # (b, num_heads, T, S)
+        #     scores = scores.masked_fill(future_positions, -inf)
+        #     context = torch.softmax(scores, dim=-1) @ values           # (b, num_heads, T, head_dim)
+        # scaled_dot_product_attention does the same in one fused kernel, softmax in float32.
+        if num_tokens == 1:
+            # Decoding one token: it may see every cached position, so no mask is needed. The
+            # query heads of a group are folded into the "tokens" axis, which lets them share
+            # their kv head without copying it (about 6x faster than enable_gqa on a CPU).
+            grouped = queries.reshape(b, self.num_kv_groups, self.group_size, self.head_dim)
+            context = F.scaled_dot_product_attention(grouped, keys, values)
+            context = context.reshape(b, self.num_heads, 1, self.head_dim)
+        elif start_pos == 0:
+            # The prompt (prefill): token i sees tokens 0..i.
+            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                                     enable_gqa=True)
+        else:
+            # New tokens after cached ones: token i sees positions 0..start_pos + i.
+            visible = torch.ones(num_tokens, end_pos, dtype=torch.bool, device=x.device)
+            visible = visible.tril(diagonal=start_pos)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
+                                                     enable_gqa=True)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context)                   # (b, T, d_in)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: fc3(silu(fc1(x)) * fc2(x)). fc1 ("gate") decides how much of each of the
+    hidden_dim features fc2 ("up") lets through; fc3 ("down") projects back to emb_dim."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], bias=False, dtype=cfg["dtype"])
+
+    def forward(self, x):
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))  # (b, T, emb_dim) via (b, T, hidden_dim)
+
+
+class TransformerBlock(nn.Module):
+    """One of the n_layers identical blocks: pre-norm attention, then pre-norm feedforward,
+    each added back to its input (the residual stream)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = GroupedQueryAttention(cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"],
+                                         cfg["head_dim"], cfg["qk_norm"], cfg["dtype"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
+        self.norm2 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        x = x + self.att(self.norm1(x), cos, sin, start_pos, cache)
+        x = x + self.ff(self.norm2(x))
+        return x
+
+
+# =============================================================================================
+# 4. The model and its configs
+# Qwen3Model stacks the parts: token ids -> embeddings -> n_layers blocks -> final norm ->
+# output head -> one score (logit) per vocabulary entry for every position (figure 2.11).
+# The small models (0.6B, 1.7B, 4B) tie the output head to the embedding: one matrix serves
+# both, so printing the model shows out_head, but its weight is tok_emb's weight.
+# =============================================================================================
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
+        self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
+        if cfg.get("tie_word_embeddings", False):
+            self.out_head.weight = self.tok_emb.weight
+
+        # RoPE tables are computed, not learned, so they are not saved with the weights. Build
+        # them on the CPU even when the weights are created on the "meta" device for loading.
+        with torch.device("cpu"):
+            cos, sin = compute_rope_params(cfg["head_dim"], cfg["rope_base"], cfg["context_length"])
+        self.register_buffer("cos", cos, persistent=False)  # (context_length, head_dim)
+        self.register_buffer("sin", sin, persistent=False)
+        self.cfg = cfg
+
+        # A state dict of a tied model names the shared matrix twice (tok_emb.weight and
+        # out_head.weight, as the book's .pth files do). These hooks load it once and keep the
+        # tie; a file whose head differs from its embedding unties the head and loads both.
+        self.register_load_state_dict_pre_hook(self._load_tied_head)
+        self.register_load_state_dict_post_hook(self._keep_tied_head)
+        self._tied_head_key = None
+
+    def forward(self, in_idx, cache=None, last_only=False):
+        """in_idx: token ids (b, T) -> logits (b, T, vocab_size), or (b, 1, vocab_size) for
+        the last position only when last_only=True (all that generation needs)."""
+        num_tokens = in_idx.shape[1]
+        start_pos = cache.pos if cache is not None else 0
+        end_pos = start_pos + num_tokens
+        if end_pos > self.cfg["context_length"]:
+            raise ValueError(f"{end_pos} tokens exceed the model's context length of "
+                             f"{self.cfg['context_length']}: shorten the input")
+        if cache is not None and end_pos > cache.max_len:
+            raise ValueError(f"{end_pos} tokens exceed the KV cache's {cache.max_len} positions: "
+                             f"make a larger KVCache")
+
+        x = self.tok_emb(in_idx)                                  # (b, T, emb_dim)
+        cos = self.cos[start_pos:end_pos].to(x.device, x.dtype)  # (T, head_dim), once for all layers
+        sin = self.sin[start_pos:end_pos].to(x.device, x.dtype)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, cos, sin, start_pos, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.pos = end_pos
+        if last_only:
+            x = x[:, -1:]                                         # (b, 1, emb_dim)
+        return self.out_head(self.final_norm(x))                  # (b, T, vocab_size)
+
+    def _load_tied_head(self, module, state_dict, prefix, *args):
+        self._tied_head_key = None
+        if self.out_head.weight is not self.tok_emb.weight:
+            return
+        head, embedding = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
+        if head is None or embedding is None or torch.equal(head, embedding):
+            state_dict.pop(prefix + "out_head.weight", None)  # load the shared matrix once
+            self._tied_head_key = prefix + "out_head.weight"
+        else:
+            self.out_head.weight = nn.Parameter(torch.empty_like(self.tok_emb.weight))
+
+    def _keep_tied_head(self, module, incompatible_keys):
+        if self._tied_head_key is not None:
+            if self._tied_head_key in incompatible_keys.missing_keys:
+                incompatible_keys.missing_keys.remove(self._tied_head_key)
+            self.out_head.weight = self.tok_emb.weight  # load_state_dict(assign=True) replaced it
+
+
+# The book's config dicts, one comment per key. "n_kv_groups" is the number of key/value heads.
+QWEN_CONFIG_06_B = {
+    "vocab_size": 151_936,        # Vocabulary size (151,669 used tokens, padded)
+    "context_length": 40_960,     # Longest sequence the model was trained for
+    "emb_dim": 1024,              # Embedding dimension (width of the residual stream)
+    "n_heads": 16,                # Number of query heads
+    "n_layers": 28,               # Number of transformer blocks
+    "hidden_dim": 3072,           # Width of the feedforward's hidden layer
+    "head_dim": 128,              # Size of each attention head
+    "qk_norm": True,              # Normalize queries and keys per head (QK-norm)
+    "n_kv_groups": 8,             # Number of key/value heads in grouped-query attention
+    "rope_base": 1_000_000.0,     # RoPE's base "theta"
+    "dtype": torch.bfloat16,      # Weights' dtype: half the memory of float32
+    "tie_word_embeddings": True,  # Output head shares the embedding matrix
+}
+QWEN3_CONFIG_1_7B = {**QWEN_CONFIG_06_B, "emb_dim": 2048, "hidden_dim": 6144}
+QWEN3_CONFIG_4B = {**QWEN_CONFIG_06_B, "emb_dim": 2560, "n_heads": 32, "n_layers": 36, "hidden_dim": 9728}
+QWEN3_CONFIG_8B = {**QWEN_CONFIG_06_B, "emb_dim": 4096, "n_heads": 32, "n_layers": 36, "hidden_dim": 12288,
+                   "tie_word_embeddings": False}
+QWEN3_CONFIG_14B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 40, "n_layers": 40, "hidden_dim": 17408,
+                    "tie_word_embeddings": False}
+QWEN3_CONFIG_32B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 64, "n_layers": 64, "hidden_dim": 25600,
+                    "tie_word_embeddings": False}
+
+
+def qwen3_config_from_hf(config):
+    """An official config.json (as a dict) -> a config dict in the book's names.
+
+    Accepts both layouts transformers has written: 4.x (`rope_theta`, `torch_dtype`) and
+    5.x (`rope_parameters: {"rope_theta": ...}`, `dtype`)."""
+    if config.get("model_type") != "qwen3":
+        raise ValueError(f"not a dense Qwen3 config (model_type={config.get('model_type')!r}): this file "
+                         f"implements Qwen3 dense models; MoE and other architectures need their own code")
+    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta")}
+    rope_scaling = config.get("rope_scaling")
+    if rope.get("rope_type", "default") != "default" or (rope_scaling and rope_scaling.get("rope_type") != "default"):
+        raise ValueError(f"RoPE scaling {rope_scaling or rope} is not supported: remove it from config.json")
+    try:
+        return {
+            "vocab_size": config["vocab_size"],
+            "context_length": config["max_position_embeddings"],
+            "emb_dim": config["hidden_size"],
+            "n_heads": config["num_attention_heads"],
+            "n_layers": config["num_hidden_layers"],
+            "hidden_dim": config["intermediate_size"],
+            "head_dim": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            "qk_norm": True,
+            "n_kv_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
+            "rope_base": float(rope["rope_theta"] if rope.get("rope_theta") is not None else 10_000.0),
+            "dtype": getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+            "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        }
+    except KeyError as missing:
+        raise ValueError(f"config.json lacks {missing}: is it a Qwen3 config?") from None
+
+
+# =============================================================================================
+# 5. Weights: names, download, safetensors, loading
+# Pre-trained weights are what make the model useful (section 2.5). They come in two layouts:
+# the book's .pth files (a PyTorch state dict in this file's names) and the official Qwen
+# checkpoints (safetensors files in transformers' names). One name map, one download function
+# and one loader serve both. Downloads are written to "<name>.incomplete" and renamed only when
+# their size (and checksum, where the server gives one) is verified, so a file under its final
+# name is always complete, and a complete file is reused without touching the network.
+# =============================================================================================
+
+# Official (transformers) name -> the book's name. No transposes: both store Linear weights as
+# (out_features, in_features).
+HF_TO_BOOK_NAMES = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "final_norm.scale",
+    "lm_head.weight": "out_head.weight",
+}
+HF_TO_BOOK_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "att.W_query.weight",
+    "self_attn.k_proj.weight": "att.W_key.weight",
+    "self_attn.v_proj.weight": "att.W_value.weight",
+    "self_attn.o_proj.weight": "att.out_proj.weight",
+    "self_attn.q_norm.weight": "att.q_norm.scale",
+    "self_attn.k_norm.weight": "att.k_norm.scale",
+    "input_layernorm.weight": "norm1.scale",
+    "post_attention_layernorm.weight": "norm2.scale",
+    "mlp.gate_proj.weight": "ff.fc1.weight",
+    "mlp.up_proj.weight": "ff.fc2.weight",
+    "mlp.down_proj.weight": "ff.fc3.weight",
+}
+
+
+def hf_to_book_name(name):
+    """'model.layers.3.mlp.gate_proj.weight' -> 'trf_blocks.3.ff.fc1.weight'; None if unknown."""
+    if name in HF_TO_BOOK_NAMES:
+        return HF_TO_BOOK_NAMES[name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in HF_TO_BOOK_LAYER_NAMES:
+        return f"trf_blocks.{match.group(1)}.{HF_TO_BOOK_LAYER_NAMES[match.group(2)]}"
+    return None
