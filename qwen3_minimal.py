@@ -552,3 +552,344 @@ def hf_to_book_name(name):
     if match and match.group(2) in HF_TO_BOOK_LAYER_NAMES:
         return f"trf_blocks.{match.group(1)}.{HF_TO_BOOK_LAYER_NAMES[match.group(2)]}"
     return None
+
+
+class DownloadError(RuntimeError):
+    """A download failed. The message says what failed and what to do; `status` is the HTTP
+    status where the server answered (404: no such repo or file)."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+def hub_url(repo_id, filename, revision="main"):
+    """Where the Hugging Face hub serves a file. HF_ENDPOINT points elsewhere (a mirror)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{repo_id}/resolve/{revision}/{filename}"
+
+
+def download_file(url, out_dir=".", retries=5, timeout=30):
+    """Download url into out_dir (keeping its file name) and return the file's path.
+
+    The bytes go to "<name>.incomplete" and are renamed only when the size, and the sha256 where
+    the server gives one, check out. An interrupted download resumes where it stopped (an HTTP
+    Range request); dropped connections, time-outs and 5xx answers are retried with backoff.
+    """
+    import requests
+
+    dest = Path(out_dir) / url.rsplit("/", 1)[-1]
+    if dest.is_file():  # only complete, verified files ever get their final name
+        print(f"✓ {dest} already up-to-date")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".incomplete")
+    host = re.sub(r"^\w+://([^/]+).*", r"\1", url)
+    last_error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))  # 0.5 s, 1 s, 2 s, ...
+        try:
+            expected_size, expected_sha256 = _download_to(partial, url)
+            break
+        except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
+            raise DownloadError(
+                f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
+                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
+                f"REQUESTS_CA_BUNDLE to its CA certificate, or download the file in a browser and "
+                f"save it as {dest}") from exc
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                _ServerTrouble) as exc:
+            last_error = exc  # worth another try; the next one resumes from the partial file
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DownloadError(f"the disk is full while writing {partial}: free some space in "
+                                    f"{dest.parent} and run again; the download resumes") from exc
+            raise
+    else:
+        if isinstance(last_error, _ServerTrouble):
+            raise DownloadError(f"{host} kept failing ({last_error}) for {url}: the server has trouble, "
+                                f"try again later", status=last_error.status) from last_error
+        raise DownloadError(f"cannot reach {host} for {url} ({type(last_error).__name__}): are you offline? "
+                            f"Once downloaded, files are reused without a network; set HF_ENDPOINT to use "
+                            f"a mirror") from last_error
+
+    size = partial.stat().st_size
+    if expected_size is not None and size != expected_size:
+        raise DownloadError(f"{url} gave {size} bytes, expected {expected_size}: run again to resume")
+    if expected_sha256 is not None and _sha256(partial) != expected_sha256:
+        partial.unlink()
+        raise DownloadError(f"{url} arrived corrupted (its sha256 differs from the server's) and was "
+                            f"deleted: run again to download it afresh")
+    os.replace(partial, dest)
+    return dest
+
+
+class _ServerTrouble(Exception):
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _download_to(partial, url):
+    """One attempt: append the missing bytes to `partial`. Returns (size, sha256 or None)
+    as the server announced them."""
+    import requests
+
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=30) as response:
+        if response.status_code >= 500:
+            raise _ServerTrouble(response.status_code)
+        if response.status_code == 404:
+            raise DownloadError(f"{url} does not exist (404): check the repo id, revision and file name",
+                                status=404)
+        if response.status_code in (401, 403):
+            raise DownloadError(f"access to {url} was denied ({response.status_code}): the repo may be "
+                                f"gated or private; accept its terms on the hub and set HF_TOKEN",
+                                status=response.status_code)
+        if response.status_code == 416:  # nothing left to send: the partial file is complete
+            return have, None
+        if response.status_code >= 400:
+            raise DownloadError(f"{url} answered HTTP {response.status_code}", status=response.status_code)
+        if response.status_code != 206:
+            have = 0  # the server ignored the Range request: start over
+        # The hub sends large files' size and sha256 on its redirect to the storage host
+        # (X-Linked-Size, X-Linked-Etag); requests keeps that answer in .history.
+        linked = [r.headers for r in (*response.history, response)]  # case-insensitive dicts
+        size = next((int(h["X-Linked-Size"]) for h in linked if "X-Linked-Size" in h), None)
+        if size is None and "Content-Length" in response.headers:
+            size = have + int(response.headers["Content-Length"])
+        sha256 = next((h["X-Linked-Etag"] for h in linked if "X-Linked-Etag" in h), "")
+        sha256 = sha256.removeprefix("W/").strip('"').lower()
+        name, last_percent = partial.name.removesuffix(".incomplete"), -1
+        with open(partial, "ab" if have else "wb") as file:
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                file.write(chunk)
+                have += len(chunk)
+                percent = have * 100 // size if size else None
+                if percent is not None and percent != last_percent:  # "name: 37% (530 MiB / 1433 MiB)"
+                    sys.stdout.write(f"\r{name}: {percent:3d}% ({have >> 20} MiB / {size >> 20} MiB)")
+                    sys.stdout.flush()
+                    last_percent = percent
+        if size:
+            sys.stdout.write("\n")
+    return size, (sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None)
+
+
+def _sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+BOOK_REPO = "rasbt/qwen3-from-scratch"
+BOOK_FILES = {"base": ("qwen3-0.6B-base.pth", "tokenizer-base.json"),
+              "reasoning": ("qwen3-0.6B-reasoning.pth", "tokenizer-reasoning.json")}
+
+
+def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
+    """Download the book's 0.6B weights (a .pth state dict, about 1.5 GB) and tokenizer.
+    kind: "base" (the pre-trained model) or "reasoning" (Qwen's own chat/thinking model)."""
+    if kind not in BOOK_FILES:
+        raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
+    model_file, tokenizer_file = BOOK_FILES[kind]
+    for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
+        download_file(hub_url(BOOK_REPO, name), out_dir)
+
+
+def download_qwen3(repo_id="Qwen/Qwen3-0.6B-Base", out_dir=None, revision="main"):
+    """Download an official Qwen3 checkpoint (config, tokenizer, safetensors weights, sharded or
+    not) and return its folder. A copy already in the Hugging Face cache is used as it is."""
+    cached = _hf_cache_snapshot(repo_id, revision)
+    if cached is not None:
+        print(f"✓ {repo_id} found in the Hugging Face cache: {cached}")
+        return cached
+    out_dir = Path(out_dir or Path("qwen3") / repo_id.replace("/", "--"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        download_file(hub_url(repo_id, name, revision), out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    try:  # large models come in shards, listed by an index
+        index = download_file(hub_url(repo_id, "model.safetensors.index.json", revision), out_dir)
+    except DownloadError as exc:
+        if exc.status != 404:
+            raise
+        download_file(hub_url(repo_id, "model.safetensors", revision), out_dir)
+        return out_dir
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        download_file(hub_url(repo_id, shard, revision), out_dir)
+    return out_dir
+
+
+def _hf_cache_snapshot(repo_id, revision):
+    """The folder of a complete checkpoint in the local Hugging Face cache, or None."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    repo_dir = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")) / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / revision
+    snapshot = repo_dir / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+    if not all((snapshot / name).is_file() for name in ("config.json", "tokenizer.json")):
+        return None
+    if (snapshot / "model.safetensors").is_file():
+        return snapshot
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file() and all((snapshot / shard).is_file()
+                               for shard in json.loads(index.read_text())["weight_map"].values()):
+        return snapshot
+    return None
+
+
+# safetensors, the official checkpoints' format, is simple enough to read in a few lines and,
+# unlike a pickled .pth, cannot run code when loaded:
+#     8 bytes: N, the header's length (little-endian u64)
+#     N bytes: JSON {name: {"dtype": "BF16", "shape": [1024, 3072], "data_offsets": [begin, end]}, ...}
+#     the raw little-endian tensor bytes, offsets counted from the end of the header
+# We map the file into memory instead of reading it: a tensor is a view of the file's pages, and
+# the operating system reads those pages only when they are used.
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+                      "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Return {name: tensor} for a .safetensors file, memory-mapped and bounds-checked."""
+    path = Path(path)
+    file_size = path.stat().st_size
+
+    def invalid(problem):
+        return ValueError(f"{path} is not a valid safetensors file: {problem}. "
+                          f"Delete it and download it again")
+
+    with open(path, "rb") as file:
+        if file_size < 8:
+            raise invalid(f"it has only {file_size} bytes (truncated)")
+        header_len = int.from_bytes(file.read(8), "little")
+        if header_len > file_size - 8:
+            raise invalid(f"its header length {header_len} runs beyond the file's {file_size} bytes (truncated)")
+        try:
+            header = json.loads(file.read(header_len))
+        except ValueError as exc:
+            raise invalid(f"its header is not JSON ({exc})") from None
+        # ACCESS_COPY: private pages, so the tensors are writable without ever changing the file
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    data_start, data_size = 8 + header_len, file_size - 8 - header_len
+    header.pop("__metadata__", None)
+
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+            num_bytes = math.prod(shape) * (dtype.itemsize if dtype else 0)
+        except (KeyError, TypeError, ValueError):
+            raise invalid(f"the header entry of {name!r} is malformed: {entry}") from None
+        if dtype is None:
+            raise invalid(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
+        if not 0 <= begin <= end <= data_size:
+            raise invalid(f"tensor {name!r} lies at bytes {begin}..{end}, outside the {data_size} bytes "
+                          f"of data (truncated?)")
+        if end - begin != num_bytes:
+            raise invalid(f"tensor {name!r} of shape {shape} needs {num_bytes} bytes, its offsets give {end - begin}")
+        spans.append((begin, end, name))
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=data_start + begin)
+                         .view(shape) if num_bytes else torch.empty(shape, dtype=dtype))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise invalid(f"tensors {first!r} and {second!r} overlap")
+    return tensors
+
+
+def load_qwen3(path, device=None, dtype=None):
+    """Build a Qwen3Model from a checkpoint and return it in eval mode.
+
+    path: an official checkpoint folder (config.json and model.safetensors, or shards listed in
+    model.safetensors.index.json), or one of the book's .pth files (sizes read off its shapes).
+    The model is built on the "meta" device (shapes only, no memory) and the file's tensors are
+    then assigned to it, so loading holds one copy of the weights: the memory-mapped file's.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: is it a Qwen3 checkpoint folder?")
+        cfg = qwen3_config_from_hf(json.loads((path / "config.json").read_text()))
+        state = _read_official_checkpoint(path)
+    elif path.suffix == ".pth" and path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # no pickled code
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable PyTorch state dict ({exc}): "
+                             f"delete it and download it again") from None
+        cfg = _config_from_book_state_dict(state, path)
+    elif not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder or a book .pth file")
+    else:
+        raise ValueError(f"{path} is neither a checkpoint folder (config.json + safetensors) nor a .pth file")
+    cfg["dtype"] = dtype or cfg["dtype"]
+
+    with torch.device("meta"):
+        model = Qwen3Model(cfg)
+    _check_checkpoint(model, state, path)
+    model.load_state_dict({name: tensor.to(cfg["dtype"]) for name, tensor in state.items()}, assign=True)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def _config_from_book_state_dict(state, path):
+    """A book .pth file carries no config: read the sizes off its tensors' shapes. What shapes
+    cannot tell (context length, RoPE base) is the same for every Qwen3 size: take the 0.6B's."""
+    try:
+        vocab_size, emb_dim = state["tok_emb.weight"].shape
+        head_dim = state["trf_blocks.0.att.q_norm.scale"].shape[0]
+        head = state.get("out_head.weight")
+        return {**QWEN_CONFIG_06_B,
+                "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
+                "n_layers": 1 + max(int(name.split(".")[1]) for name in state if name.startswith("trf_blocks.")),
+                "n_heads": state["trf_blocks.0.att.W_query.weight"].shape[0] // head_dim,
+                "n_kv_groups": state["trf_blocks.0.att.W_key.weight"].shape[0] // head_dim,
+                "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0],
+                "dtype": state["tok_emb.weight"].dtype,
+                "tie_word_embeddings": head is None or torch.equal(head, state["tok_emb.weight"])}
+    except (KeyError, AttributeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a Qwen3 state dict in the book's names "
+                         f"(cannot read its sizes: {type(exc).__name__} {exc})") from None
+
+
+def _read_official_checkpoint(folder):
+    """{book name: tensor} from model.safetensors or its shards."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    state = {}
+    for file in files:
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder / file}, listed in {index.name}, is missing: download it again")
+        for name, tensor in read_safetensors(folder / file).items():
+            state[hf_to_book_name(name) or f"(unknown) {name}"] = tensor
+    return state
+
+
+def _check_checkpoint(model, state, path):
+    """Refuse a checkpoint that does not fit the model, before anything is loaded."""
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    if model.out_head.weight is model.tok_emb.weight and "out_head.weight" not in state:
+        del expected["out_head.weight"]  # a tied head may be stored once, as the embedding
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{name} is {tuple(state[name].shape)}, the config wants {tuple(shape)}"
+                   for name, shape in expected.items() if name in state and state[name].shape != shape]
+    problems = ([f"{len(missing)} tensors missing, e.g. {missing[:3]}"] if missing else []) + \
+               ([f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}"] if unexpected else []) + \
+               ([f"{len(wrong_shape)} wrong shapes, e.g. {wrong_shape[0]}"] if wrong_shape else [])
+    if problems:
+        raise ValueError(f"{path} does not fit a Qwen3 model with {model.cfg['n_layers']} layers and "
+                         f"emb_dim {model.cfg['emb_dim']}: " + "; ".join(problems) +
+                         ". Is it a complete Qwen3 dense checkpoint, matching its config?")

@@ -5,6 +5,7 @@ Nothing here touches the internet: checkpoints and tokenizers are small ones the
 the real file layouts, served by a real HTTP server on 127.0.0.1. Tests that compare against
 Hugging Face transformers (the reference implementation) skip where it is not installed.
 """
+import functools
 import importlib.util
 import inspect
 import json
@@ -100,7 +101,187 @@ def test_get_device_returns_the_best_device_and_says_which(capsys):
 # 2. Tokenizer
 # =============================================================================================
 
-# (SECTION 2 TESTS)
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",  # special: 151643..151656
+                "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_style_tokenizer_json():
+    """A small tokenizer.json in Qwen3's format: byte-level BPE behind Qwen's split regex (digits
+    one by one), its 26 added tokens at their real ids 151643..151668. The BPE vocabulary is
+    trained on a few sentences and padded with unreachable entries up to id 151642."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Explain large language models.", "A large language model predicts the next token.",
+              "Hello world, how are you?"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), 151_643)})
+    spec["added_tokens"] = [{"id": 151_643 + i, "content": token, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": i < 14}
+                            for i, token in enumerate(ADDED_TOKENS)]
+    return json.dumps(spec)
+
+
+def write_tokenizer(folder, name="tokenizer-base.json"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(qwen_style_tokenizer_json())
+    return folder / name
+
+
+def test_tokenizer_round_trips_text_and_encodes_special_tokens_to_single_ids(tmp_path):
+    tokenizer = q.Qwen3Tokenizer(write_tokenizer(tmp_path))
+    prompt = "Explain large language models."
+    ids = tokenizer.encode(prompt)
+    assert tokenizer.decode(ids) == prompt
+    assert tokenizer.decode(torch.tensor([ids])) == prompt  # tensors decode too
+    assert tokenizer.encode("12345") == [16, 17, 18, 19, 20]  # digits split, as in the real vocabulary
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>")[0::8] == [151644, 151645]
+    for token_id, token in enumerate(ADDED_TOKENS, start=151_643):
+        assert tokenizer.encode(token) == [token_id]
+        assert tokenizer.encode(f"a{token}b")[1] == token_id
+
+
+def test_eos_ids_follow_the_book_file_names_and_official_configs(tmp_path):
+    base = q.Qwen3Tokenizer(write_tokenizer(tmp_path / "book", "tokenizer-base.json"))
+    assert (base.eos_token_id, base.eos_token_ids, base.eos_token) == (151643, [151643], "<|endoftext|>")
+    chat = q.Qwen3Tokenizer(write_tokenizer(tmp_path / "book", "tokenizer-reasoning.json"))
+    assert (chat.eos_token_id, chat.eos_token_ids, chat.eos_token) == (151645, [151645, 151643], "<|im_end|>")
+    assert base.pad_token_id == chat.pad_token_id == 151643
+
+    official_base = tmp_path / "Qwen3-0.6B-Base"
+    write_tokenizer(official_base, "tokenizer.json")
+    (official_base / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    assert q.Qwen3Tokenizer(official_base / "tokenizer.json").eos_token_ids == [151643]
+    official_chat = tmp_path / "Qwen3-0.6B"
+    write_tokenizer(official_chat, "tokenizer.json")
+    (official_chat / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    assert q.Qwen3Tokenizer(official_chat / "tokenizer.json").eos_token_ids == [151645, 151643]
+
+
+def test_missing_tokenizer_file_says_how_to_download_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download_qwen3_small"):
+        q.Qwen3Tokenizer(tmp_path / "tokenizer-base.json")
+
+
+# The official Qwen3 chat template (tokenizer_config.json of Qwen/Qwen3-0.6B), without its tool
+# branches, which this file does not implement.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and "
+    "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}"
+    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == \"assistant\" %}"
+    "{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}"
+    "{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+CONVERSATIONS = {
+    "one_user_turn": [{"role": "user", "content": "Explain large language models."}],
+    "system_and_user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    "multi_turn_with_old_thinking": [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nEasy: add them.\n</think>\n\n4"},
+        {"role": "user", "content": "And 3+3?"}],
+    "ends_with_assistant_turn": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "<think>\nPick one.\n</think>\n\nBlue."}],
+    "assistant_after_last_user_without_thinking": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "assistant", "content": "<think>\nmore\n</think>\n\nAnything else?"}],
+}
+
+
+@needs_transformers
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_chat_template_renders_what_transformers_renders(tmp_path, conversation, add_generation_prompt,
+                                                          enable_thinking):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = write_tokenizer(tmp_path, "tokenizer.json")
+    reference = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)),
+                                        chat_template=QWEN3_CHAT_TEMPLATE)
+    messages = CONVERSATIONS[conversation]
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             enable_thinking=enable_thinking)
+    ours = q.Qwen3Tokenizer(path).apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      enable_thinking=enable_thinking)
+    assert ours == expected
+
+
+def test_chat_template_strings_match_the_documented_ones(tmp_path):
+    tokenizer = q.Qwen3Tokenizer(write_tokenizer(tmp_path, "tokenizer-reasoning.json"))
+    user = [{"role": "user", "content": "m"}]
+    assert tokenizer.apply_chat_template(user) == "<|im_start|>user\nm<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.apply_chat_template(user, enable_thinking=False) == (
+        "<|im_start|>user\nm<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tokenizer.apply_chat_template(user, add_generation_prompt=False) == "<|im_start|>user\nm<|im_end|>\n"
+    history = tokenizer.apply_chat_template(CONVERSATIONS["multi_turn_with_old_thinking"])
+    assert "<|im_start|>assistant\n4<|im_end|>\n" in history and "Easy" not in history
+    with pytest.raises(ValueError, match="unsupported chat role 'tool'"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "{}"}])
+
+
+def test_book_chat_wrapping_flags_give_the_book_prompts(tmp_path):
+    path = write_tokenizer(tmp_path, "tokenizer-reasoning.json")
+    thinking = q.Qwen3Tokenizer(path, apply_chat_template=True, add_generation_prompt=True, add_thinking=True)
+    direct = q.Qwen3Tokenizer(path, apply_chat_template=True, add_generation_prompt=True, add_thinking=False)
+    plain = q.Qwen3Tokenizer(path)
+    assert thinking.decode(thinking.encode("m")) == "<|im_start|>user\nm<|im_end|>\n<|im_start|>assistant\n"
+    assert direct.decode(direct.encode("m")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert plain.decode(plain.encode("m")) == "m"
+    assert plain.decode(plain.encode("m", chat_wrapped=True)) == "<|im_start|>user\nm<|im_end|>\n"
+
+
+def test_stream_decoding_never_splits_a_multibyte_character(tmp_path):
+    tokenizer = q.Qwen3Tokenizer(write_tokenizer(tmp_path))
+    text = "Hello 你好🙂 café, language models."
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # one token alone is half a character
+    pieces = list(tokenizer.decode_stream(iter(ids)))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) > 5  # it streams, rather than waiting for the end
+    assert list(tokenizer.decode_stream(torch.tensor([[i]]) for i in ids)) == pieces  # (1, 1) tensors work
 
 
 # =============================================================================================
@@ -321,3 +502,383 @@ def test_a_checkpoint_whose_head_differs_from_its_embedding_unties_instead_of_ov
     assert model.out_head.weight is not model.tok_emb.weight
     assert torch.equal(model.tok_emb.weight, state["tok_emb.weight"])
     assert torch.equal(model.out_head.weight, state["out_head.weight"])
+
+
+# =============================================================================================
+# 5. Weights: download and load
+# =============================================================================================
+
+class LocalHub:
+    """A real HTTP server on 127.0.0.1 in the hub's URL layout, /{repo_id}/resolve/{revision}/{file}.
+
+    Large files ("lfs") are answered as the hub does: a 302 to a storage URL carrying
+    X-Linked-Size and X-Linked-Etag (the sha256). GET honours Range requests. Faults can be
+    injected per file: "drop" (the connection closes halfway through the body, once), "500"
+    (one server error), "bad_sha" (a wrong X-Linked-Etag)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.files, self.lfs, self.faults, self.log = {}, set(), {}, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.log.append((self.path, self.headers.get("Range")))
+                storage = self.path.startswith("/storage/")
+                key = self.path[len("/storage/"):] if storage else re.sub(r"/resolve/[^/]+/", "/", self.path[1:])
+                if key not in hub.files:
+                    return self.send_error(404)
+                fault = hub.faults.get(key)
+                if fault == "500":
+                    del hub.faults[key]
+                    return self.send_error(500)
+                data = hub.files[key]
+                if key in hub.lfs and not storage:
+                    import hashlib
+
+                    sha = "0" * 64 if fault == "bad_sha" else hashlib.sha256(data).hexdigest()
+                    self.send_response(302)
+                    self.send_header("Location", f"/storage/{key}")
+                    self.send_header("X-Linked-Size", str(len(data)))
+                    self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+                body = data[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "drop":
+                    del hub.faults[key]
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, repo_id, name, data, lfs=False):
+        self.files[f"{repo_id}/{name}"] = data
+        if lfs:
+            self.lfs.add(f"{repo_id}/{name}")
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = LocalHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-cache")
+    yield server
+    server.stop()
+
+
+def test_download_shows_progress_and_reuses_a_complete_file_offline(hub, tmp_path, capsys):
+    data = os.urandom(3 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    hub.add(q.BOOK_REPO, "tokenizer-base.json", b"{}")
+    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
+    assert (tmp_path / "qwen3" / "qwen3-0.6B-base.pth").read_bytes() == data
+    out = capsys.readouterr().out
+    assert "qwen3-0.6B-base.pth: 100% (3 MiB / 3 MiB)" in out and "tokenizer-base.json: 100%" in out
+    hub.stop()  # offline from now on
+    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
+    out = capsys.readouterr().out
+    assert f"✓ {tmp_path / 'qwen3' / 'tokenizer-base.json'} already up-to-date" in out
+    assert "qwen3-0.6B-base.pth already up-to-date" in out
+
+
+def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identical(hub, tmp_path):
+    data = os.urandom(5 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "drop"
+    path = q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert path.read_bytes() == data
+    ranges = [r for p, r in hub.log if p.startswith("/storage/")]
+    assert ranges[0] is None  # then the connection broke halfway; the second request resumes
+    assert 0 < int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1)) <= len(data) // 2
+    assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_server_error_is_retried(hub, tmp_path):
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b'{"a": 1}')
+    hub.faults["Qwen/Qwen3-0.6B/config.json"] = "500"
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path).read_bytes() == b'{"a": 1}'
+    assert len(hub.log) == 2
+
+
+def test_wrong_checksum_is_rejected_and_leaves_nothing_under_the_final_name(hub, tmp_path):
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(1 << 20), lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "bad_sha"
+    with pytest.raises(q.DownloadError, match="corrupted .* deleted: run again"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_gives_a_clear_404_message(hub, tmp_path):
+    with pytest.raises(q.DownloadError, match="does not exist \\(404\\): check the repo id") as error:
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B-Typo", "config.json"), tmp_path)
+    assert error.value.status == 404
+
+
+def test_unreachable_server_says_offline_after_retries(tmp_path, monkeypatch):
+    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
+    with pytest.raises(q.DownloadError, match="cannot reach 127.0.0.1:9 .* are you offline"):
+        q.download_file("http://127.0.0.1:9/rasbt/x/resolve/main/f.pth", tmp_path, retries=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
+    seen = []
+    real_get = __import__("requests").get
+
+    def spy(url, headers=None, **kwargs):
+        seen.append((headers or {}).get("Authorization"))
+        return real_get(url, headers=headers, **kwargs)
+
+    monkeypatch.setattr("requests.get", spy)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret123")
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
+    q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path)
+    assert seen == ["Bearer hf_secret123"]
+    with pytest.raises(q.DownloadError) as error:
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "nope.json"), tmp_path)
+    assert "hf_secret123" not in str(error.value) + capsys.readouterr().out
+
+
+def test_download_qwen3_small_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be 'base' or 'reasoning'"):
+        q.download_qwen3_small(kind="chat")
+
+
+def logits_of(model, seed=3, length=24):
+    ids = torch.randint(0, model.cfg["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids)
+
+
+def hf_state_dict(model):
+    """Our state dict in the official names (the tied head left out, as official files do)."""
+    book = model.state_dict()
+    names = list(q.HF_TO_BOOK_NAMES) + [f"model.layers.{i}.{name}" for i in range(model.cfg["n_layers"])
+                                        for name in q.HF_TO_BOOK_LAYER_NAMES]
+    tied = model.out_head.weight is model.tok_emb.weight
+    return {name: book[q.hf_to_book_name(name)].contiguous() for name in names
+            if not (tied and name == "lm_head.weight")}
+
+
+def write_official_checkpoint(folder, model, config_layout="4.x"):
+    """config.json + model.safetensors with the real safetensors library, as the hub has them."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": cfg["vocab_size"],
+              "hidden_size": cfg["emb_dim"], "intermediate_size": cfg["hidden_dim"],
+              "num_hidden_layers": cfg["n_layers"], "num_attention_heads": cfg["n_heads"],
+              "num_key_value_heads": cfg["n_kv_groups"], "head_dim": cfg["head_dim"],
+              "max_position_embeddings": cfg["context_length"], "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": cfg["tie_word_embeddings"], "rope_scaling": None,
+              "rope_theta": cfg["rope_base"], "torch_dtype": str(cfg["dtype"]).removeprefix("torch.")}
+    (folder / "config.json").write_text(json.dumps(config))
+    safetensors_torch.save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_official_single_file_checkpoint_loads_with_the_same_logits(tmp_path, tied):
+    source = random_model(tiny_config(tie_word_embeddings=tied, dtype=torch.bfloat16))
+    model = q.load_qwen3(write_official_checkpoint(tmp_path / "ckpt", source))
+    assert (model.out_head.weight is model.tok_emb.weight) == tied
+    assert model.tok_emb.weight.dtype == torch.bfloat16 and not model.training
+    assert torch.equal(logits_of(model), logits_of(source))
+    assert model.cos.device.type == "cpu" and model.cos.shape == (128, 32)  # RoPE tables are real, not meta
+
+
+@needs_transformers
+@pytest.mark.parametrize("tied", [True, False])
+def test_sharded_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path, tied):
+    source = random_model(tiny_config(tie_word_embeddings=tied))
+    hf_twin(source).save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    assert len(list((tmp_path / "ckpt").glob("model-*-of-*.safetensors"))) > 2
+    model = q.load_qwen3(tmp_path / "ckpt")
+    assert (model.out_head.weight is model.tok_emb.weight) == tied
+    assert torch.equal(logits_of(model), logits_of(source))
+
+
+def test_book_pth_file_loads_with_sizes_read_off_its_shapes(tmp_path):
+    # (every Qwen3 size uses RoPE base 1e6, which a .pth file cannot tell)
+    source = random_model(tiny_config(tie_word_embeddings=True, dtype=torch.bfloat16, n_kv_groups=1, rope_base=1e6))
+    torch.save(source.state_dict(), tmp_path / "qwen3-tiny-base.pth")
+    model = q.load_qwen3(tmp_path / "qwen3-tiny-base.pth", dtype=torch.float32)
+    assert {k: model.cfg[k] for k in ("emb_dim", "n_heads", "n_kv_groups", "n_layers", "hidden_dim", "head_dim")} == \
+        {k: source.cfg[k] for k in ("emb_dim", "n_heads", "n_kv_groups", "n_layers", "hidden_dim", "head_dim")}
+    assert model.out_head.weight is model.tok_emb.weight and model.tok_emb.weight.dtype == torch.float32
+    upcast = q.Qwen3Model({**source.cfg, "dtype": torch.float32})
+    upcast.load_state_dict(source.state_dict())
+    assert torch.allclose(logits_of(model), logits_of(upcast), atol=1e-5)
+    assert torch.equal(logits_of(q.load_qwen3(tmp_path / "qwen3-tiny-base.pth")), logits_of(source))
+
+
+def test_download_qwen3_fetches_a_sharded_official_repo_and_loads_it(hub, tmp_path):
+    source = random_model(tiny_config(tie_word_embeddings=False))
+    folder = write_official_checkpoint(tmp_path / "src", source)
+    # Split the single file into two shards with an index, as the hub has them for large models.
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    repo = "Qwen/Qwen3-Tiny"
+    for shard, shard_names in shards.items():
+        safetensors_torch.save_file({n: state[n] for n in shard_names}, str(tmp_path / shard))
+        hub.add(repo, shard, (tmp_path / shard).read_bytes(), lfs=True)
+    hub.add(repo, "model.safetensors.index.json",
+            json.dumps({"weight_map": {n: s for s, ns in shards.items() for n in ns}}).encode())
+    hub.add(repo, "config.json", (folder / "config.json").read_bytes())
+    hub.add(repo, "generation_config.json", b'{"eos_token_id": [151645, 151643]}')
+    hub.add(repo, "tokenizer.json", qwen_style_tokenizer_json().encode())
+
+    path = q.download_qwen3(repo, out_dir=tmp_path / "dl")
+    assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", "generation_config.json", "tokenizer.json",
+                                                             "model.safetensors.index.json", *shards])
+    assert torch.equal(logits_of(q.load_qwen3(path)), logits_of(source))
+    assert q.Qwen3Tokenizer(path / "tokenizer.json").eos_token_ids == [151645, 151643]
+
+
+def test_download_qwen3_takes_a_single_file_repo_and_uses_the_hf_cache(hub, tmp_path, monkeypatch):
+    source = random_model(tiny_config(tie_word_embeddings=True))
+    folder = write_official_checkpoint(tmp_path / "src", source)
+    repo = "Qwen/Qwen3-Tiny-Base"
+    hub.add(repo, "config.json", (folder / "config.json").read_bytes())
+    hub.add(repo, "generation_config.json", b'{"eos_token_id": 151643}')
+    hub.add(repo, "tokenizer.json", qwen_style_tokenizer_json().encode())
+    hub.add(repo, "model.safetensors", (folder / "model.safetensors").read_bytes(), lfs=True)
+    path = q.download_qwen3(repo, out_dir=tmp_path / "dl")
+    assert (path / "model.safetensors").is_file()
+    assert torch.equal(logits_of(q.load_qwen3(path)), logits_of(source))
+
+    # The same checkpoint in the Hugging Face cache's layout is used in place, with no request.
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen3-Tiny-Base" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (snapshot / name).write_bytes((path / name).read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    requests_before = len(hub.log)
+    assert q.download_qwen3(repo) == snapshot
+    assert len(hub.log) == requests_before
+
+
+def _safetensors_bytes(header, data):
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "tensor 'b' lies at bytes 16..32, outside the 20 bytes of data \\(truncated\\?\\)"),
+    ("header_beyond_file", "its header length 999999 runs beyond the file's 10 bytes"),
+    ("tiny_file", "it has only 3 bytes \\(truncated\\)"),
+    ("not_json", "its header is not JSON"),
+    ("overlapping", "tensors 'a' and 'b' overlap"),
+    ("unknown_dtype", "tensor 'a' has unknown dtype 'F8_E9M9'"),
+    ("size_mismatch", "tensor 'a' of shape \\[2, 2\\] needs 16 bytes, its offsets give 12"),
+    ("malformed_entry", "the header entry of 'a' is malformed")])
+def test_bad_safetensors_files_get_a_clear_error_naming_the_file(tmp_path, case, message):
+    good = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}
+    blobs = {
+        "truncated": _safetensors_bytes(good, bytes(20)),
+        "header_beyond_file": (999999).to_bytes(8, "little") + b"{}",
+        "tiny_file": b"abc",
+        "not_json": (4).to_bytes(8, "little") + b"{{{{",
+        "overlapping": _safetensors_bytes({**good, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(32)),
+        "unknown_dtype": _safetensors_bytes({**good, "a": {"dtype": "F8_E9M9", "shape": [2], "data_offsets": [0, 2]}}, bytes(32)),
+        "size_mismatch": _safetensors_bytes({**good, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(32)),
+        "malformed_entry": _safetensors_bytes({**good, "a": {"dtype": "F32"}}, bytes(32)),
+    }
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(blobs[case])
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a valid safetensors file: {message}"):
+        q.read_safetensors(path)
+
+
+def test_good_safetensors_tensors_are_memory_mapped_views_of_the_file(tmp_path):
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    (tmp_path / "m.safetensors").write_bytes(_safetensors_bytes(
+        {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+         "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, data))
+    tensors = q.read_safetensors(tmp_path / "m.safetensors")
+    assert torch.equal(tensors["a"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.equal(tensors["b"], torch.tensor([4.0, 5.0, 6.0, 7.0]))
+    tensors["b"].zero_()  # private pages: the file itself is never changed
+    assert (tmp_path / "m.safetensors").read_bytes().endswith(data[16:])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("wrong_shape", "wrong shapes, e.g. trf_blocks.0.att.W_query.weight is \\(128, 64\\), the config wants \\(64, 64\\)"),
+    ("missing", "1 tensors missing, e.g. \\['trf_blocks.1.ff.fc3.weight'\\]"),
+    ("unexpected", "1 unexpected tensors, e.g. \\['\\(unknown\\) model.layers.0.mlp.experts.0.weight'\\]"),
+    ("moe_config", "not a dense Qwen3 config \\(model_type='qwen3_moe'\\)"),
+    ("missing_shard", "model-00002-of-00002.safetensors, listed in model.safetensors.index.json, is missing")])
+def test_checkpoints_that_do_not_fit_are_refused_before_loading(tmp_path, change, message):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
+    state = safetensors_torch.load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    if change == "wrong_shape":
+        config["num_attention_heads"] = 2
+    elif change == "missing":
+        del state["model.layers.1.mlp.down_proj.weight"]
+    elif change == "unexpected":
+        state["model.layers.0.mlp.experts.0.weight"] = torch.zeros(2)
+    elif change == "moe_config":
+        config["model_type"] = "qwen3_moe"
+    elif change == "missing_shard":
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (folder / "config.json").write_text(json.dumps(config))
+    safetensors_torch.save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        q.load_qwen3(folder)
+
+
+def test_bad_book_pth_files_are_refused_clearly(tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="broken.pth is not a readable PyTorch state dict"):
+        q.load_qwen3(tmp_path / "broken.pth")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth is not a Qwen3 state dict in the book's names"):
+        q.load_qwen3(tmp_path / "other.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        q.load_qwen3(tmp_path / "nothing-here")
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak memory while loading a ~200 MB checkpoint and running it stays near the file's size."""
+    source = q.Qwen3Model(tiny_config(vocab_size=151_936, emb_dim=512, n_heads=8, n_kv_groups=4, head_dim=64,
+                                      hidden_dim=1536, n_layers=4, dtype=torch.bfloat16, tie_word_embeddings=True))
+    folder = write_official_checkpoint(tmp_path / "ckpt", source)
+    size = (folder / "model.safetensors").stat().st_size
+    script = (f"import resource, torch, qwen3_minimal as q\n"
+              f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"model = q.load_qwen3({str(folder)!r})\n"
+              f"model(torch.zeros(1, 4, dtype=torch.long))\n"
+              f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    peak = int(subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout)
+    assert size > 150e6 and peak < 1.25 * size, (peak, size)
