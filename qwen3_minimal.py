@@ -137,17 +137,16 @@ class Qwen3Tokenizer:
             token_ids = token_ids.reshape(-1).tolist()
         return self._tok.decode(token_ids, skip_special_tokens=False)
 
-    def decode_stream(self, token_ids):
-        """Yield text as token ids arrive. One Chinese character or emoji can span several
-        byte-level tokens; decoding each token alone would print broken characters, so a
-        DecodeStream holds bytes back until they form whole characters."""
+    def stream_decoder(self):
+        """Return a function: next token id -> the text it completes ("" while incomplete).
+
+        One Chinese character or emoji can span several byte-level tokens, so decoding each
+        token alone would print broken characters; a DecodeStream holds bytes back until they
+        form whole characters."""
         from tokenizers.decoders import DecodeStream
 
         stream = DecodeStream(skip_special_tokens=False)
-        for token_id in token_ids:
-            piece = stream.step(self._tok, int(token_id))
-            if piece:
-                yield piece
+        return lambda token_id: stream.step(self._tok, int(token_id)) or ""
 
     def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=True):
         """Render a conversation exactly as the official Qwen3 chat template does.
@@ -893,3 +892,394 @@ def _check_checkpoint(model, state, path):
         raise ValueError(f"{path} does not fit a Qwen3 model with {model.cfg['n_layers']} layers and "
                          f"emb_dim {model.cfg['emb_dim']}: " + "; ".join(problems) +
                          ". Is it a complete Qwen3 dense checkpoint, matching its config?")
+
+
+# =============================================================================================
+# 6. Generation
+# An LLM writes one token at a time (figure 2.10): run the model on the tokens so far, take the
+# scores of the last position (figure 2.11), pick a token (the highest score: "greedy"), append
+# it, repeat. The chapter's four functions differ only in two switches, a KV cache or not and
+# streaming or not, so one loop, generate_tokens, serves them all.
+# =============================================================================================
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
+    """Scores of the last position (b, vocab_size) -> next token ids (b, 1).
+
+    temperature 0 is greedy (argmax, figure 2.12). Otherwise divide the scores by the
+    temperature (below 1: sharper, above 1: flatter), keep the top_k highest and/or the fewest
+    tokens whose probabilities add up to top_p, and draw one at random (torch.manual_seed
+    makes the draw reproducible).
+    """
+    if not temperature:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before it already >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1)
+
+
+@torch.inference_mode()
+def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cache=True, temperature=0.0,
+                    top_k=None, top_p=None, compile=False, timings=None):
+    """The generation loop: yield up to max_new_tokens new token ids, each of shape (b, 1).
+
+    Args:
+        token_ids: the prompt, (b, T).
+        eos_token_id: an id, or a list of ids (chat models end with either of two); generation
+            stops when every sequence of the batch produced one (it is not yielded).
+        use_cache: keep keys and values in a KVCache (fast) or recompute them every step.
+        temperature, top_k, top_p: sampling, see sample_next_token (default: greedy).
+        compile: run the model through torch.compile (see compile_model).
+        timings: a dict to fill with prompt_tokens, prefill_s, new_tokens, decode_s.
+    """
+    model.eval()
+    batch_size, prompt_len = token_ids.shape
+    max_len = prompt_len + max_new_tokens
+    if max_len > model.cfg["context_length"]:
+        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceed the "
+                         f"context length of {model.cfg['context_length']}: shorten one of them")
+    eos_ids = None if eos_token_id is None else torch.tensor(eos_token_id, device=token_ids.device).view(-1)
+    forward = compile_model(model) if compile else model
+    cache = KVCache(model.cfg, batch_size, max_len, token_ids.device, model.tok_emb.weight.dtype) if use_cache else None
+    start = time.perf_counter()
+
+    # Only the last position's scores pick the next token, so the model computes the output head
+    # for that position alone (last_only): for 0.6B the head is a quarter of all weights.
+    logits = forward(token_ids, cache=cache, last_only=True)[:, -1]       # (b, vocab_size)
+    for step in range(max_new_tokens):
+        next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
+        if timings is not None:
+            _synchronize(token_ids.device)
+            if step == 0:
+                timings.update(prompt_tokens=prompt_len, prefill_s=time.perf_counter() - start, new_tokens=0)
+            timings.update(new_tokens=step + 1, decode_s=time.perf_counter() - start - timings["prefill_s"])
+        if eos_ids is not None and torch.isin(next_token, eos_ids).all():
+            break
+        yield next_token
+        if step == max_new_tokens - 1:
+            break  # no forward pass for a token nobody asks for
+        if use_cache:  # the new token alone: everything before it is in the cache
+            logits = forward(next_token, cache=cache, last_only=True)[:, -1]
+        else:          # the whole sequence again, as in figure 2.10
+            token_ids = torch.cat([token_ids, next_token], dim=1)
+            logits = forward(token_ids, last_only=True)[:, -1]
+
+
+def _synchronize(device):
+    """Wait for the accelerator to finish (its work runs asynchronously), so timings are true."""
+    if device.type in ("cuda", "mps", "xpu"):
+        getattr(torch, device.type).synchronize()
+
+
+# The chapter's functions: thin, honest entry points to the one loop above. Extra keyword
+# arguments (temperature, top_k, top_p, compile, timings) pass through.
+
+def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Yield new tokens one by one, recomputing the whole sequence each step (no cache)."""
+    yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=False, **options)
+
+
+def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Yield new tokens one by one, computing only the new token each step (KV cache)."""
+    yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=True, **options)
+
+
+def generate_text_basic(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Return the new tokens, (b, n), generated without a cache."""
+    new_tokens = list(generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id, **options))
+    return torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]
+
+
+def generate_text_basic_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Return the new tokens, (b, n), generated with a KV cache."""
+    new_tokens = list(generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id, **options))
+    return torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]
+
+
+def compile_model(model):
+    """The model's forward through torch.compile, made once per model.
+
+    torch.compile turns the forward pass into fused kernels, which removes most of Python's and
+    PyTorch's per-operation overhead (the book measures 2-3x on GPUs). It needs a working C
+    compiler and Python headers on a CPU (and Triton on a GPU); where compiling fails, we warn
+    once and keep running eagerly.
+    """
+    if "compiled_forward" not in model.__dict__:
+        compiled = torch.compile(model)
+
+        def compiled_forward(in_idx, cache=None, last_only=False):
+            nonlocal compiled
+            if compiled is not None:
+                pos = cache.pos if cache is not None else None
+                try:
+                    return compiled(in_idx, cache=cache, last_only=last_only)
+                except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
+                    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+                    warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
+                                  stacklevel=2)
+                    compiled = None
+                    if cache is not None:
+                        cache.pos = pos  # forget a partial step
+            return model(in_idx, cache=cache, last_only=last_only)
+
+        model.compiled_forward = compiled_forward  # a plain attribute: not a submodule, not saved
+    return model.compiled_forward
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights one decoding step reads from memory: every weight once, except the
+    embedding table, of which it reads one row (unless the table doubles as the output head)."""
+    embedding = model.tok_emb.weight
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]
+               if t is not embedding or model.out_head.weight is embedding}
+    del tensors[model.cos.data_ptr()], tensors[model.sin.data_ptr()]  # RoPE tables: one row each
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def peak_memory(device):
+    """(bytes, what was measured): the accelerator's peak allocation, or this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA max allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "not measured on this system"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of this process"
+
+
+def generate_stats(output_token_ids, tokenizer, start_time, end_time, timings=None, model=None):
+    """Print how fast a generation ran, as the chapter does, and return the numbers as a dict.
+
+    With the timings that generate_tokens fills, it also splits the time into prefill (reading
+    the prompt, one parallel pass) and decode (one pass per new token). Decoding reads every
+    weight once per token, so it is bound by memory bandwidth: with the model given, it shows
+    the bandwidth achieved, weight bytes per token x tokens/s. (`tokenizer` is unused; it is
+    kept for the book's signature.)
+    """
+    total_s = end_time - start_time
+    stats = {"time_s": total_s, "tokens": output_token_ids.numel(), "tokens_per_s": output_token_ids.numel() / total_s}
+    lines = [f"\n\nTime: {total_s:.2f} sec", f"{stats['tokens_per_s']:.1f} tokens/sec"]
+    if timings and timings.get("new_tokens"):
+        stats.update(time_to_first_token_s=timings["prefill_s"],
+                     prefill_tokens_per_s=timings["prompt_tokens"] / timings["prefill_s"])
+        lines.append(f"time to first token: {timings['prefill_s']:.2f} s "
+                     f"(prefill: {stats['prefill_tokens_per_s']:.1f} tokens/s for {timings['prompt_tokens']} tokens)")
+        if timings["new_tokens"] > 1 and timings["decode_s"] > 0:
+            stats["decode_tokens_per_s"] = (timings["new_tokens"] - 1) / timings["decode_s"]
+            lines.append(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s")
+            if model is not None:
+                per_token = weight_bytes_per_token(model)
+                stats["bandwidth_gb_per_s"] = per_token * stats["decode_tokens_per_s"] / 1e9
+                lines.append(f"memory bandwidth: {stats['bandwidth_gb_per_s']:.1f} GB/s "
+                             f"({per_token / 1e9:.2f} GB of weights read per token)")
+    peak, what = peak_memory(output_token_ids.device)
+    if peak is not None:
+        stats["peak_memory_gb"] = peak / 2**30
+        lines.append(f"peak memory: {peak / 2**30:.2f} GB ({what})")
+    print("\n".join(lines))
+    return stats
+
+
+# Faster decoding with int8 weights. Producing one token reads every weight once, so decoding is
+# limited by memory bandwidth, not arithmetic: bfloat16 needs 1.2 GB per token for 0.6B. Storing
+# each Linear weight as int8 with one scale per output row (w ~= w_int8 * scale, scale =
+# max|row| / 127) halves the bytes, at a small cost in accuracy. The embedding lookup reads one
+# row per token and the norms are tiny, so they stay as they are.
+
+class Int8Linear(nn.Module):
+    """A bias-free Linear layer with int8 weights and per-output-row scales."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        # round the scales to the weights' dtype first, then quantize with the scales in use
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(linear.weight.dtype)  # (out_features,)
+        self.register_buffer("weight", torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)                                   # (b * T, in_features)
+        if rows.shape[0] <= 4 and x.device.type in ("cpu", "mps"):
+            # Decoding: a fused kernel reads the int8 weights directly (twice the speed of bf16)
+            out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        else:
+            # The plain idea, which also suits prompts (compute-bound, where that kernel is slow):
+            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale
+            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales
+        return out.view(*x.shape[:-1], self.out_features)                      # (b, T, out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model):
+    """Replace, in place, every Linear of the blocks and the output head by an Int8Linear.
+    A tied head gets its own int8 copy; the embedding keeps its dtype for the lookup."""
+    for block in model.trf_blocks:
+        for parent in (block.att, block.ff):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    model.out_head = Int8Linear(model.out_head)
+    return model
+
+
+# =============================================================================================
+# 7. The command line: `python qwen3_minimal.py`
+# With no arguments: download the chapter's 0.6B base model and tokenizer, stream a greedy
+# completion of the chapter's prompt, and print the stats. `--help` lists the rest: chat with
+# the reasoning model, larger official models, local checkpoints, sampling, compile and int8.
+# Pasted into a Jupyter or Colab cell, the file runs the same demo with its defaults.
+# =============================================================================================
+
+EXAMPLES = """examples:
+  python qwen3_minimal.py                                  # the chapter's base model, greedy
+  python qwen3_minimal.py --prompt "Give me a haiku about autumn." --temperature 0.7 --top-p 0.9
+  python qwen3_minimal.py --chat                           # multi-turn chat, thinking shown apart
+  python qwen3_minimal.py --chat --no-think                # chat that answers directly
+  python qwen3_minimal.py --model Qwen/Qwen3-1.7B --chat   # an official checkpoint from the hub
+  python qwen3_minimal.py --model qwen3/qwen3-0.6B-base.pth  # a local checkpoint (file or folder)
+  python qwen3_minimal.py --random-weights --int8          # offline: the 0.6B shape, random weights
+  python qwen3_minimal.py --compile                        # torch.compile (needs a C compiler)
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Qwen3 from scratch: download a model, then generate text or chat.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default="Explain large language models.", help="text to continue (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="'base' (default) or 'reasoning' (the book's 0.6B files), an official repo id such "
+                             "as Qwen/Qwen3-1.7B or Qwen/Qwen3-4B-Base, or a checkpoint folder or .pth file")
+    parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="weights' dtype (default: the checkpoint's, bfloat16); float32 is faster on CPUs "
+                             "without bfloat16 support")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or 2048 per chat turn")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.6 to sample")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens up to this mass")
+    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (and random weights)")
+    parser.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    parser.add_argument("--int8", action="store_true", help="int8 weights: faster decoding, slightly less exact")
+    parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat (uses 'reasoning' by default)")
+    parser.add_argument("--no-think", action="store_true", help="chat models: answer without thinking first")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="no download: the 0.6B shape with random weights, to try the pipeline and its speed")
+    # A notebook kernel is started with its own arguments (-f kernel.json): they are not ours.
+    in_notebook = "ipykernel" in sys.modules or Path(sys.argv[0]).name.endswith("kernel_launcher.py")
+    return parser.parse_args(argv if argv is not None else [] if in_notebook else sys.argv[1:])
+
+
+def load_model_and_tokenizer(args, device):
+    """(model, tokenizer) as --model, --random-weights and --dtype say; the tokenizer is None
+    for random weights when no tokenizer has been downloaded."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    name = args.model or ("reasoning" if args.chat else "base")
+    out_dir = Path(args.out_dir)
+    if args.random_weights:
+        torch.manual_seed(args.seed)
+        cfg = {**QWEN_CONFIG_06_B, "dtype": dtype or QWEN_CONFIG_06_B["dtype"]}
+        with torch.device(device):
+            model = Qwen3Model(cfg).eval()
+        tokenizer_file = out_dir / BOOK_FILES.get(name, BOOK_FILES["base"])[1]
+        return model, Qwen3Tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    if name in BOOK_FILES:
+        download_qwen3_small(kind=name, out_dir=out_dir)
+        model_file, tokenizer_file = BOOK_FILES[name]
+        return load_qwen3(out_dir / model_file, device, dtype), Qwen3Tokenizer(out_dir / tokenizer_file)
+    path = Path(name)
+    if path.is_file():  # a book-style .pth: its tokenizer sits beside it
+        tokenizer_file = path.parent / BOOK_FILES["reasoning" if "reasoning" in path.name else "base"][1]
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer beside {path}: expected {tokenizer_file}")
+        return load_qwen3(path, device, dtype), Qwen3Tokenizer(tokenizer_file)
+    if not path.is_dir():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            raise ValueError(f"--model {name!r} is none of: base, reasoning, an official repo id such as "
+                             f"Qwen/Qwen3-1.7B, an existing checkpoint folder or .pth file")
+        path = download_qwen3(name, out_dir / name.replace("/", "--"))
+    return load_qwen3(path, device, dtype), Qwen3Tokenizer(path / "tokenizer.json")
+
+
+def stream_reply(model, tokenizer, token_ids, args, max_new_tokens):
+    """Generate, print the text as it comes (a model's thinking set apart from its answer), and
+    return the new token ids with the timings."""
+    timings, new_tokens = {}, []
+    eos = tokenizer.eos_token_ids if tokenizer else None
+    tokens = generate_text_basic_stream_cache(
+        model, token_ids, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, compile=args.compile, timings=timings)
+    decode = tokenizer.stream_decoder() if tokenizer else (lambda token: f" {int(token)}")
+    dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    for token in tokens:
+        new_tokens.append(token)
+        piece = decode(token).replace("<think>", f"{dim}[thinking] ").replace("</think>", f"{plain}\n[answer] ")
+        print(piece, end="", flush=True)
+    print(plain, end="")
+    return (torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]), timings
+
+
+def chat(model, tokenizer, args, device):
+    """A multi-turn chat: the whole conversation is re-encoded with the chat template each turn."""
+    print(f"Chat with Qwen3, thinking {'off' if args.no_think else 'on'}. An empty line or Ctrl-D ends it.")
+    messages = []
+    while True:
+        try:
+            user = input("\nyou> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
+        token_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        print("qwen> ", end="")
+        reply, _ = stream_reply(model, tokenizer, token_ids, args, args.max_new_tokens or 2048)
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
+        print()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = torch.device(args.device) if args.device else get_device()
+        model, tokenizer = load_model_and_tokenizer(args, device)
+        if args.int8:
+            quantize_int8(model)
+        if args.chat:
+            if tokenizer is None:
+                raise ValueError("--chat needs a tokenizer: run once without --random-weights to download it")
+            return chat(model, tokenizer, args, device)
+        torch.manual_seed(args.seed)
+        is_chat_model = tokenizer is not None and tokenizer.eos_token_id == tokenizer._tok.token_to_id("<|im_end|>")
+        prompt = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                enable_thinking=not args.no_think) if is_chat_model else args.prompt)
+        ids = tokenizer.encode(prompt) if tokenizer else list(args.prompt.encode("utf-8"))
+        if tokenizer is None:
+            print("(no tokenizer downloaded yet: the prompt's bytes stand in for tokens, ids are printed)")
+        print(prompt, end="", flush=True)
+        start = time.perf_counter()
+        new_tokens, timings = stream_reply(model, tokenizer, torch.tensor([ids], device=device), args,
+                                           args.max_new_tokens or 128)
+        generate_stats(new_tokens, tokenizer, start, time.perf_counter(), timings, model)
+    except (DownloadError, OSError, ValueError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -277,11 +279,13 @@ def test_stream_decoding_never_splits_a_multibyte_character(tmp_path):
     text = "Hello 你好🙂 café, language models."
     ids = tokenizer.encode(text)
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # one token alone is half a character
-    pieces = list(tokenizer.decode_stream(iter(ids)))
+    decode = tokenizer.stream_decoder()
+    pieces = [decode(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
-    assert len(pieces) > 5  # it streams, rather than waiting for the end
-    assert list(tokenizer.decode_stream(torch.tensor([[i]]) for i in ids)) == pieces  # (1, 1) tensors work
+    assert pieces.count("") > 3 and len([p for p in pieces if p]) > 5  # held back, then streamed
+    decode = tokenizer.stream_decoder()  # a fresh stream; (1, 1) tensors from generation work too
+    assert [decode(torch.tensor([[i]])) for i in ids] == pieces
 
 
 # =============================================================================================
@@ -882,3 +886,305 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     peak = int(subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout)
     assert size > 150e6 and peak < 1.25 * size, (peak, size)
+
+
+# =============================================================================================
+# 6. Generation
+# =============================================================================================
+
+def peaked_model(seed=0, **overrides):
+    """float32, weights scaled up so that the best token leads by a wide margin: greedy token
+    comparisons are then free of near-ties."""
+    return random_model(tiny_config(context_length=64, **overrides), seed=seed)
+
+
+def prompt_ids(batch=1, length=7, seed=5):
+    return torch.randint(0, 320, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cached_and_uncached_generation_give_the_same_tokens(batch):
+    model = peaked_model()
+    cached = q.generate_text_basic_cache(model, prompt_ids(batch), 30)
+    uncached = q.generate_text_basic(model, prompt_ids(batch), 30)
+    assert cached.shape == (batch, 30) and torch.equal(cached, uncached)
+    assert len(set(cached[0].tolist())) > 3  # a real sequence, not one token repeated
+
+
+def test_the_cache_path_feeds_one_token_per_step_into_one_preallocated_cache(monkeypatch):
+    model = peaked_model()
+    seen, caches = [], []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[1], kwargs.get("cache") is not None,
+                                                                         kwargs["last_only"])), with_kwargs=True)
+    real_cache = q.KVCache
+    monkeypatch.setattr(q, "KVCache", lambda *a, **k: caches.append(real_cache(*a, **k)) or caches[-1])
+    q.generate_text_basic_cache(model, prompt_ids(length=7), 5)
+    assert seen == [(7, True, True)] + [(1, True, True)] * 4  # the prompt once, then one token a step
+    assert len(caches) == 1 and caches[0].max_len == 12 and caches[0].pos == 11
+    seen.clear()
+    q.generate_text_basic(model, prompt_ids(length=7), 3)
+    assert seen == [(7, False, True), (8, False, True), (9, False, True)]  # no cache: everything again
+
+
+def test_cached_forward_in_chunks_equals_one_full_forward():
+    model = peaked_model()
+    ids = prompt_ids(batch=2, length=20)
+    cache = q.KVCache(model.cfg, 2, 20)
+    with torch.no_grad():
+        parts = [model(ids[:, :8], cache=cache), model(ids[:, 8:9], cache=cache), model(ids[:, 9:], cache=cache)]
+        full = model(ids)
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the KV cache's 20 positions"):
+        model(ids[:, :1], cache=cache)
+
+
+def test_streaming_yields_the_same_tokens_as_non_streaming():
+    model = peaked_model()
+    expected = q.generate_text_basic_cache(model, prompt_ids(), 12)
+    for stream in (q.generate_text_basic_stream_cache, q.generate_text_basic_stream):
+        tokens = list(stream(model, prompt_ids(), 12))
+        assert all(t.shape == (1, 1) for t in tokens)
+        assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+def test_generation_stops_on_each_eos_id_without_yielding_it():
+    model = peaked_model()
+    greedy = q.generate_text_basic_cache(model, prompt_ids(), 12)[0].tolist()
+    first_new = next(i for i, t in enumerate(greedy) if t not in greedy[:i])  # a token not seen before
+    eos = greedy[first_new]
+    for generate in (q.generate_text_basic_cache, q.generate_text_basic):
+        assert generate(model, prompt_ids(), 12, eos_token_id=eos)[0].tolist() == greedy[:first_new]
+        assert generate(model, prompt_ids(), 12, eos_token_id=[999_999, eos])[0].tolist() == greedy[:first_new]
+    assert q.generate_text_basic_cache(model, prompt_ids(), 12, eos_token_id=greedy[0]).shape == (1, 0)
+
+
+def test_prompt_plus_new_tokens_beyond_the_context_is_a_clear_error():
+    model = peaked_model()  # context_length 64
+    with pytest.raises(ValueError, match="the prompt \\(60 tokens\\) plus max_new_tokens \\(5\\) exceed the context "
+                                         "length of 64"):
+        q.generate_text_basic_cache(model, prompt_ids(length=60), 5)
+
+
+def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
+    model = random_model(tiny_config(context_length=64), seed=1)
+    with torch.no_grad():
+        model.out_head.weight.mul_(0.05)  # flat distributions, so sampling really varies
+    greedy = q.generate_text_basic_cache(model, prompt_ids(), 20)
+
+    def sample(**options):
+        torch.manual_seed(42)
+        return q.generate_text_basic_cache(model, prompt_ids(), 20, temperature=1.0, **options)
+
+    assert torch.equal(sample(), sample())
+    assert not torch.equal(sample(), greedy)
+    assert torch.equal(sample(top_k=1), greedy)
+    assert torch.equal(sample(top_p=1e-6), greedy)
+    assert torch.equal(sample(top_k=3, top_p=0.9), sample(top_k=3, top_p=0.9))
+
+
+def test_sample_next_token_keeps_only_the_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    draws = {q.sample_next_token(logits, 1.0, top_k=2).item() for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {q.sample_next_token(logits, 1.0, top_p=0.85).item() for _ in range(300)}  # 0.5 + 0.3 < 0.85
+    assert draws == {0, 1, 2}
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    model = peaked_model()
+    expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
+
+    def broken_compile(module):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncc1plus: fatal error")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed, running without it \\(RuntimeError: "
+                                         "InductorError: CppCompileError: C\\+\\+ compile error\\)") as warned:
+        tokens = q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True)
+    assert len(warned) == 1 and torch.equal(tokens, expected)
+    assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True), expected)
+    assert "compiled_forward" not in model.state_dict() and not any("compiled" in n for n, _ in model.named_modules())
+
+
+def test_compiled_generation_gives_the_eager_tokens():
+    model = peaked_model()
+    expected = q.generate_text_basic_cache(model, prompt_ids(), 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 6, compile=True), expected)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]  # it really compiled
+
+
+def test_stats_report_first_token_prefill_decode_bandwidth_and_peak_memory(capsys):
+    model = peaked_model(tie_word_embeddings=True)
+    timings = {}
+    start = time.perf_counter()
+    tokens = q.generate_text_basic_cache(model, prompt_ids(length=9), 10, timings=timings)
+    stats = q.generate_stats(tokens, None, start, time.perf_counter(), timings, model)
+    assert timings["prompt_tokens"] == 9 and timings["new_tokens"] == 10
+    assert 0 < stats["time_to_first_token_s"] < stats["time_s"]
+    out = capsys.readouterr().out
+    assert re.search(r"time to first token: [\d.]+ s \(prefill: [\d.]+ tokens/s for 9 tokens\)", out)
+    assert re.search(r"^decode: [\d.]+ tokens/s$", out, re.M)
+    assert re.search(r"memory bandwidth: [\d.]+ GB/s \(0\.00 GB of weights read per token\)", out)
+    assert re.search(r"peak memory: [\d.]+ GB \((peak RSS of this process|CUDA max allocated)\)", out)
+    assert stats["decode_tokens_per_s"] == pytest.approx(9 / timings["decode_s"])
+
+
+def test_weight_bytes_per_token_counts_the_tied_head_once_and_skips_an_untied_embedding():
+    cfg = tiny_config()
+    per_block = 4 * (2 * 64 * 128 + 2 * 64 * 64) + 4 * 3 * 64 * 96 + 4 * (2 * 32 + 2 * 64)  # float32 bytes
+    tied, untied = q.Qwen3Model({**cfg, "tie_word_embeddings": True}), q.Qwen3Model(cfg)
+    head_and_norm = 4 * (320 * 64 + 64)
+    assert q.weight_bytes_per_token(tied) == 2 * per_block + head_and_norm
+    assert q.weight_bytes_per_token(untied) == 2 * per_block + head_and_norm  # the embedding lookup reads one row
+
+
+def test_int8_model_stays_close_to_bfloat16_and_reads_half_the_bytes():
+    model = random_model(tiny_config(vocab_size=2048, emb_dim=256, hidden_dim=768, head_dim=64, n_heads=8,
+                                     n_kv_groups=4, dtype=torch.bfloat16, tie_word_embeddings=True), seed=2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.mul_(0.2)  # the scale of trained weights relative to these widths
+    ids = torch.randint(0, 2048, (1, 40), generator=torch.Generator().manual_seed(0))
+    reference = logits_of_ids(model, ids)
+    bytes_before = q.weight_bytes_per_token(model)
+    q.quantize_int8(model)
+    assert isinstance(model.out_head, q.Int8Linear) and model.out_head.weight.dtype == torch.int8
+    assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays, apart from the head
+    assert isinstance(model.trf_blocks[0].att.q_norm, q.RMSNorm)
+    assert q.weight_bytes_per_token(model) < 0.55 * bytes_before
+    logits = logits_of_ids(model, ids)
+    # int8 rounding (1/254 of each row's largest weight) moves logits by about 1% of their spread:
+    error = (logits.float() - reference.float()).abs()
+    assert error.mean() < 0.02 * reference.float().std() and error.max() < 0.15 * reference.float().std()
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    decoded = q.generate_text_basic_cache(model, ids[:, :8], 6)  # the one-row kernel path
+    assert decoded.shape == (1, 6)
+
+
+def test_int8_linear_kernel_and_plain_paths_agree():
+    linear = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
+    int8 = q.Int8Linear(linear)
+    x = torch.randn(1, 6, 64, dtype=torch.bfloat16)
+    one_row_each = torch.cat([int8(x[:, i:i + 1]) for i in range(6)], dim=1)  # _weight_int8pack_mm
+    assert torch.allclose(one_row_each.float(), int8(x).float(), atol=0.02)  # dequantize-then-matmul
+    # Each weight is off by at most half a step of its row's scale (rounding to the nearest step).
+    dequantized = int8.weight.float() * int8.scales.float()[:, None]
+    row_error = (dequantized - linear.weight.float()).abs().amax(dim=1)
+    assert (row_error <= 0.5 * int8.scales.float() * (1 + 1e-3)).all()
+
+
+def logits_of_ids(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+# =============================================================================================
+# 7. The command line
+# =============================================================================================
+
+def run_cli(args, cwd, env_extra=None, stdin=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_random_weights_demo_runs_end_to_end_offline(tmp_path):
+    result = run_cli([str(HERE / "qwen3_minimal.py"), "--random-weights", "--int8", "--max-new-tokens", "4"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Using CPU" in result.stdout or "Using " in result.stdout
+    assert "Explain large language models." in result.stdout and "no tokenizer downloaded yet" in result.stdout
+    assert re.search(r"^decode: [\d.]+ tokens/s$", result.stdout, re.M)
+    assert "GB of weights read per token" in result.stdout and "peak memory" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing downloaded
+
+
+def serve_book_files(hub, tmp_path, kind="base"):
+    """The book's two files for `kind`, tiny: a 0.6B-layout state dict of a small Qwen3, and the tokenizer."""
+    model = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
+                                     hidden_dim=48, rope_base=1e6, dtype=torch.bfloat16, tie_word_embeddings=True))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    model_file, tokenizer_file = q.BOOK_FILES[kind]
+    hub.add(q.BOOK_REPO, model_file, (tmp_path / "model.pth").read_bytes(), lfs=True)
+    hub.add(q.BOOK_REPO, tokenizer_file, qwen_style_tokenizer_json().encode())
+    return model
+
+
+def test_the_file_pasted_into_a_notebook_cell_runs_the_default_demo(hub, tmp_path):
+    """A Jupyter or Colab kernel runs with its own argv (-f kernel.json); the cell must not parse it."""
+    serve_book_files(hub, tmp_path)
+    cell = ("import sys\n"
+            "sys.argv = ['/usr/local/lib/python3.11/dist-packages/ipykernel_launcher.py', '-f',\n"
+            "            '/root/.local/share/jupyter/runtime/kernel-7f3c.json']\n"
+            f"source = open({str(HERE / 'qwen3_minimal.py')!r}).read()\n"
+            "exec(compile(source, '<cell>', 'exec'), {'__name__': '__main__'})\n")
+    (tmp_path / "work").mkdir()
+    result = run_cli(["-c", cell], tmp_path / "work", {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "none")})
+    assert result.returncode == 0, result.stderr
+    assert "qwen3-0.6B-base.pth: 100%" in result.stdout and "tokenizer-base.json: 100%" in result.stdout
+    assert "Explain large language models." in result.stdout and "decode:" in result.stdout
+    assert (tmp_path / "work" / "qwen3" / "qwen3-0.6B-base.pth").is_file()
+
+
+def test_cli_errors_are_one_clear_line_and_exit_code_1(tmp_path):
+    result = run_cli([str(HERE / "qwen3_minimal.py"), "--model", "not a model"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: --model 'not a model' is none of: base, reasoning")
+    assert "Traceback" not in result.stderr
+    result = run_cli([str(HERE / "qwen3_minimal.py"), "--max-new-tokens", "lots"], tmp_path)
+    assert result.returncode == 2 and "invalid int value: 'lots'" in result.stderr  # argparse, in a terminal
+
+
+def test_help_explains_every_option_with_examples(tmp_path):
+    result = run_cli([str(HERE / "qwen3_minimal.py"), "--help"], tmp_path)
+    assert result.returncode == 0
+    for option in ("--prompt", "--model", "--device", "--dtype", "--max-new-tokens", "--temperature", "--top-k",
+                   "--top-p", "--compile", "--int8", "--chat", "--no-think", "--random-weights", "examples:"):
+        assert option in result.stdout
+
+
+def test_local_checkpoint_path_runs_with_its_tokenizer(hub, tmp_path):
+    serve_book_files(hub, tmp_path, kind="reasoning")
+    q.download_qwen3_small(kind="reasoning", out_dir=tmp_path / "ckpt")
+    result = run_cli([str(HERE / "qwen3_minimal.py"), "--model", str(tmp_path / "ckpt" / "qwen3-0.6B-reasoning.pth"),
+                      "--max-new-tokens", "3", "--no-think", "--dtype", "float32"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    # a chat model's prompt goes through the chat template, thinking switched off
+    assert "<|im_start|>user\nExplain large language models.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>" \
+        in result.stdout
+
+
+def test_stream_reply_shows_thinking_apart_from_the_answer(tmp_path, monkeypatch, capsys):
+    tokenizer = q.Qwen3Tokenizer(write_tokenizer(tmp_path, "tokenizer-reasoning.json"))
+    reply = tokenizer.encode("<think>\nhello\n</think>\n\nHello world")
+    monkeypatch.setattr(q, "generate_text_basic_stream_cache",
+                        lambda *args, **kwargs: iter(torch.tensor([[i]]) for i in reply))
+    args = q.parse_args([])
+    tokens, _ = q.stream_reply(None, tokenizer, torch.tensor([[1]]), args, 50)
+    assert tokens[0].tolist() == reply
+    assert capsys.readouterr().out == "[thinking] \nhello\n\n[answer] \n\nHello world"
+
+
+def test_chat_keeps_the_history_and_drops_old_thinking(tmp_path, monkeypatch, capsys):
+    tokenizer = q.Qwen3Tokenizer(write_tokenizer(tmp_path, "tokenizer-reasoning.json"))
+    prompts, replies = [], iter(["<think>\nhmm\n</think>\n\nHello world", "Fine."])
+
+    def fake_generation(model, token_ids, max_new_tokens, eos, **options):
+        prompts.append(tokenizer.decode(token_ids[0].tolist()))
+        assert eos == [151645, 151643]
+        return iter(torch.tensor([[i]]) for i in tokenizer.encode(next(replies)))
+
+    monkeypatch.setattr(q, "generate_text_basic_stream_cache", fake_generation)
+    lines = iter(["Hi", "How are you?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    q.chat(None, tokenizer, q.parse_args(["--chat"]), torch.device("cpu"))
+    assert prompts == [
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello world<|im_end|>\n"
+        "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"]
+    assert "[thinking]" in capsys.readouterr().out
