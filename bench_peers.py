@@ -10,6 +10,7 @@ ours in the same process, so that their ratios come from one run:
     OMP_NUM_THREADS=2 python bench_peers.py --dtypes float32 --no-compile  # greedy tokens vs transformers
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ def main():
     ap.add_argument("--impls", default="hf.generate,rfs", help="peer rows (see peers.py --impls)")
     ap.add_argument("--no-compile", action="store_true", help="skip the ours.compile row")
     ap.add_argument("--smoke", action="store_true", help="tiny shape, seconds")
+    ap.add_argument("--json", help="save the results; merge runs with: python PEERS --report a.json,b.json")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(args.peers).resolve().parent))
@@ -70,6 +72,9 @@ def main():
     peers.print_table(results, bandwidth)
     worst = max(r["cpu_pressure_after"].get("avg60", 0.0) for r in results)
     print(f"CPU pressure (PSI some avg60, max seen): {worst:.1f}%")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"info": peers.cpu_info(), "bw_read_gbs": bandwidth, "results": results}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -524,7 +524,7 @@ class LocalHub:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.files, self.lfs, self.faults, self.log = {}, set(), {}, []
+        self.files, self.lfs, self.faults, self.log, self.checksums = {}, set(), {}, [], {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -542,10 +542,10 @@ class LocalHub:
                     del hub.faults[key]
                     return self.send_error(500)
                 data = hub.files[key]
+                if isinstance(data, Path):  # large files are served from disk
+                    data = data.read_bytes()
                 if key in hub.lfs and not storage:
-                    import hashlib
-
-                    sha = "0" * 64 if fault == "bad_sha" else hashlib.sha256(data).hexdigest()
+                    sha = "0" * 64 if fault == "bad_sha" else hub.sha256(key, data)
                     self.send_response(302)
                     self.send_header("Location", f"/storage/{key}")
                     self.send_header("X-Linked-Size", str(len(data)))
@@ -553,6 +553,8 @@ class LocalHub:
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
                 start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+                if start >= len(data):
+                    return self.send_error(416)
                 body = data[start:]
                 self.send_response(206 if start else 200)
                 if start:
@@ -572,9 +574,17 @@ class LocalHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def add(self, repo_id, name, data, lfs=False):
+        """data: bytes, or the Path of a file to serve."""
         self.files[f"{repo_id}/{name}"] = data
         if lfs:
             self.lfs.add(f"{repo_id}/{name}")
+
+    def sha256(self, key, data):
+        import hashlib
+
+        if key not in self.checksums:
+            self.checksums[key] = hashlib.sha256(data).hexdigest()
+        return self.checksums[key]
 
     def stop(self):
         self.server.shutdown()
@@ -616,6 +626,20 @@ def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identic
     assert ranges[0] is None  # then the connection broke halfway; the second request resumes
     assert 0 < int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1)) <= len(data) // 2
     assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
+    data = os.urandom(1 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(data)  # stopped before the rename
+    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).read_bytes() == data
+    assert hub.log[-1][1] == f"bytes={len(data)}-"  # answered 416: nothing left to send
+
+    (tmp_path / "qwen3-0.6B-base.pth").unlink()
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(os.urandom(1 << 20))  # same size, other bytes
+    with pytest.raises(q.DownloadError, match="corrupted"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_server_error_is_retried(hub, tmp_path):
@@ -926,6 +950,16 @@ def test_the_cache_path_feeds_one_token_per_step_into_one_preallocated_cache(mon
     assert seen == [(7, False, True), (8, False, True), (9, False, True)]  # no cache: everything again
 
 
+def test_one_token_steps_run_without_onednn_and_the_setting_is_restored():
+    model = peaked_model()
+    onednn_during_forward = []
+    model.register_forward_pre_hook(lambda m, args: onednn_during_forward.append(torch.backends.mkldnn.enabled))
+    before = torch.backends.mkldnn.enabled
+    q.generate_text_basic_cache(model, prompt_ids(), 4)
+    assert onednn_during_forward == [before, False, False, False]  # the prompt keeps it, steps do not
+    assert torch.backends.mkldnn.enabled == before
+
+
 def test_cached_forward_in_chunks_equals_one_full_forward():
     model = peaked_model()
     ids = prompt_ids(batch=2, length=20)
@@ -995,7 +1029,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     model = peaked_model()
     expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
 
-    def broken_compile(module):
+    def broken_compile(module, **options):
         def run(*args, **kwargs):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncc1plus: fatal error")
         return run
@@ -1188,3 +1222,134 @@ def test_chat_keeps_the_history_and_drops_old_thinking(tmp_path, monkeypatch, ca
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello world<|im_end|>\n"
         "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"]
     assert "[thinking]" in capsys.readouterr().out
+
+
+# =============================================================================================
+# 8. The chapter's snippets and the README's, run as a reader runs them
+# The real 0.6B weights cannot be downloaded here: random weights in the same file layout and
+# the same 0.6B shape stand in, served by the local hub.
+# =============================================================================================
+
+@pytest.fixture(scope="session")
+def hub_06b(tmp_path_factory):
+    """A local hub with the book's files (0.6B-shaped random weights, a Qwen3-format tokenizer) and
+    a tiny official repo, Qwen/Qwen3-0.6B."""
+    folder = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = q.Qwen3Model(q.QWEN_CONFIG_06_B)
+    model.to_empty(device="cpu")
+    model.out_head.weight = model.tok_emb.weight  # as in the book's file (to_empty made two tensors)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02) if param.ndim == 2 else param.fill_(1.0)
+    torch.save(model.state_dict(), folder / "qwen3-0.6B.pth")
+    del model
+    server = LocalHub()
+    for kind, (model_file, tokenizer_file) in q.BOOK_FILES.items():
+        server.add(q.BOOK_REPO, model_file, folder / "qwen3-0.6B.pth", lfs=True)
+        server.add(q.BOOK_REPO, tokenizer_file, qwen_style_tokenizer_json().encode())
+    official = write_official_checkpoint(folder / "official", random_model(tiny_config(
+        vocab_size=151_936, emb_dim=64, tie_word_embeddings=True, dtype=torch.bfloat16)))
+    for name in ("config.json", "model.safetensors"):
+        server.add("Qwen/Qwen3-0.6B", name, (official / name).read_bytes(), lfs=name.endswith(".safetensors"))
+    server.add("Qwen/Qwen3-0.6B", "generation_config.json", b'{"eos_token_id": [151645, 151643]}')
+    server.add("Qwen/Qwen3-0.6B", "tokenizer.json", qwen_style_tokenizer_json().encode())
+    yield server
+    server.stop()
+
+
+def test_chapter_2_snippets_run_in_order(hub_06b, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", hub_06b.url)
+    monkeypatch.chdir(tmp_path)
+    from pathlib import Path
+
+    from qwen3_minimal import QWEN_CONFIG_06_B, Qwen3Model, Qwen3Tokenizer, download_qwen3_small, get_device
+
+    # 2.3 Is there a GPU?
+    print(f"PyTorch version {torch.__version__}")
+    if torch.cuda.is_available():
+        print("CUDA GPU")
+    elif torch.mps.is_available():
+        print("Apple Silicon GPU")
+    else:
+        print("Only CPU")
+    assert capsys.readouterr().out.startswith(f"PyTorch version {torch.__version__}\n")
+
+    # 2.4 The tokenizer: download, round trip, one token at a time
+    download_qwen3_small(kind="base", tokenizer_only=True, out_dir="qwen3")
+    assert re.search(r"tokenizer-base\.json: 100% \(\d+ MiB / \d+ MiB\)", capsys.readouterr().out)
+    tokenizer_file_path = Path("qwen3") / "tokenizer-base.json"
+    tokenizer = Qwen3Tokenizer(tokenizer_file_path=tokenizer_file_path)
+    prompt = "Explain large language models."
+    input_token_ids_list = tokenizer.encode(prompt)
+    text = tokenizer.decode(input_token_ids_list)
+    print(text)
+    for i in input_token_ids_list:
+        print(f"{[i]} --> {tokenizer.decode([i])}")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Explain large language models."
+    assert out[1:] == [f"[{i}] --> {tokenizer.decode([i])}" for i in input_token_ids_list]
+    assert "".join(line.split(" --> ")[1] for line in out[1:]) == prompt
+
+    # 2.5 The device, the weights, the model
+    device = get_device()
+    device = torch.device("cpu")
+    download_qwen3_small(kind="base", tokenizer_only=False, out_dir="qwen3")
+    out = capsys.readouterr().out
+    assert re.search(r"qwen3-0\.6B-base\.pth: 100% \(1\d\d\d MiB / 1\d\d\d MiB\)", out)
+    assert "✓ qwen3/tokenizer-base.json already up-to-date" in out
+    model_file = Path("qwen3") / "qwen3-0.6B-base.pth"
+    model = Qwen3Model(QWEN_CONFIG_06_B)
+    model.load_state_dict(torch.load(model_file))
+    model.to(device)
+    print(model)
+    assert capsys.readouterr().out.strip() == EXPECTED_TREE_06B
+    assert model.out_head.weight is model.tok_emb.weight
+
+    # 2.6 One forward pass, the last position's scores, the most likely next token
+    input_token_ids_list = tokenizer.encode(prompt)
+    print(f"Number of input tokens: {len(input_token_ids_list)}")
+    input_tensor = torch.tensor(input_token_ids_list)
+    input_tensor_fmt = input_tensor.unsqueeze(0)
+    output_tensor = model(input_tensor_fmt)
+    output_tensor_fmt = output_tensor.squeeze(0)
+    print(f"Formatted Output tensor shape: {output_tensor_fmt.shape}")
+    last_token = output_tensor_fmt[-1].detach()
+    print(last_token)
+    next_id = last_token.argmax(dim=-1, keepdim=True)
+    print(next_id)
+    print(tokenizer.decode(next_id.tolist()))
+    out = capsys.readouterr().out.splitlines()
+    n = len(input_token_ids_list)
+    assert out[0] == f"Number of input tokens: {n}"
+    assert out[1] == f"Formatted Output tensor shape: torch.Size([{n}, 151936])"
+    assert output_tensor.dtype == torch.bfloat16
+    assert out[-2] == f"tensor([{next_id.item()}])" and 0 <= next_id.item() < 151_936
+
+
+def python_blocks(markdown):
+    return re.findall(r"```python\n(.*?)```", markdown, re.S)
+
+
+def test_every_python_snippet_in_the_readme_runs_as_written(hub_06b, tmp_path):
+    blocks = python_blocks((HERE / "README.md").read_text())
+    assert len(blocks) >= 3
+    env = {"HF_ENDPOINT": hub_06b.url, "HF_HUB_CACHE": str(tmp_path / "no-cache"), "PYTHONPATH": str(HERE)}
+    for block in blocks:
+        result = run_cli(["-c", block], tmp_path, env)
+        assert result.returncode == 0, f"{block}\n{result.stderr}"
+        assert result.stdout.strip()  # each snippet prints what it generated
+
+
+def test_readme_commands_match_ci_and_the_script_metadata():
+    readme = (HERE / "README.md").read_text()
+    ci = (HERE / ".ci" / "run").read_text()
+    test_command = re.search(r"## Tests\n\n    (.+)\n", readme).group(1)
+    assert ci.strip().splitlines()[-1] == test_command
+    assert "pip install -r requirements.txt" in readme and "qwen3_minimal.py" in readme
+    header = re.search(r"^# /// script\n(.*?)^# ///$", (HERE / "qwen3_minimal.py").read_text(), re.S | re.M).group(1)
+    dependencies = json.loads(re.search(r"dependencies = (\[.*\])", header).group(1))
+    requirements = [line for line in (HERE / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith("#") and not line.startswith("pytest")]
+    assert dependencies == requirements
