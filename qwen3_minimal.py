@@ -391,6 +391,9 @@ class TransformerBlock(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    """Qwen3 as in figure 2.8. cfg is a config dict such as QWEN_CONFIG_06_B (right below this
+    class, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])

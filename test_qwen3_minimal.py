@@ -670,6 +670,41 @@ def test_unreachable_server_says_offline_after_retries(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_certificate_trouble_says_what_to_do(hub, tmp_path):
+    url = q.hub_url("Qwen/Qwen3-0.6B", "config.json").replace("http://", "https://")  # TLS to a plain server
+    with pytest.raises(q.DownloadError, match="SSLError. A proxy, VPN or antivirus .* REQUESTS_CA_BUNDLE"):
+        q.download_file(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_says_so_and_keeps_the_partial_file_for_resuming(hub, tmp_path, monkeypatch):
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(3 << 20), lfs=True)
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, chunk):
+            if self.file.tell() >= 1 << 20:
+                raise OSError(28, "No space left on device")
+            self.file.write(chunk)
+
+    monkeypatch.setattr(q, "open", FullDisk, raising=False)  # the module's open(), as the download uses it
+    with pytest.raises(q.DownloadError, match="the disk is full while writing .*incomplete: free some space"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth.incomplete"]
+    monkeypatch.delattr(q, "open")
+    hub.log.clear()
+    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).stat().st_size == 3 << 20
+    assert hub.log[-1][1] == "bytes=1048576-"  # resumed after the space was freed
+
+
 def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
     seen = []
     real_get = __import__("requests").get
