@@ -126,7 +126,9 @@ class Qwen3Tokenizer:
     def encode(self, prompt, chat_wrapped=None):
         """Text -> token ids. Special tokens written in the text (<|im_start|>, <think>, ...)
         become their single ids, because `tokenizers` matches added tokens before running BPE."""
-        if chat_wrapped if chat_wrapped is not None else self.chat_wrapped:
+        if chat_wrapped is None:
+            chat_wrapped = self.chat_wrapped
+        if chat_wrapped:
             prompt = self.apply_chat_template([{"role": "user", "content": prompt}],
                                               add_generation_prompt=self.add_generation_prompt,
                                               enable_thinking=self.add_thinking)
@@ -175,8 +177,8 @@ class Qwen3Tokenizer:
                         reasoning = reasoning.split("<think>")[-1].lstrip("\n")
                         content = content.split("</think>")[-1].lstrip("\n")
                 if i > last_query and (i == len(messages) - 1 or reasoning):
-                    out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n"
-                               f"</think>\n\n{content.lstrip(chr(10))}<|im_end|>\n")
+                    reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+                    out.append(f"<|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{content}<|im_end|>\n")
                 else:
                     out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
             elif role != "system":
@@ -893,9 +895,13 @@ def _check_checkpoint(model, state, path):
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{name} is {tuple(state[name].shape)}, the config wants {tuple(shape)}"
                    for name, shape in expected.items() if name in state and state[name].shape != shape]
-    problems = ([f"{len(missing)} tensors missing, e.g. {missing[:3]}"] if missing else []) + \
-               ([f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}"] if unexpected else []) + \
-               ([f"{len(wrong_shape)} wrong shapes, e.g. {wrong_shape[0]}"] if wrong_shape else [])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shapes, e.g. {wrong_shape[0]}")
     if problems:
         raise ValueError(f"{path} does not fit a Qwen3 model with {model.cfg['n_layers']} layers and "
                          f"emb_dim {model.cfg['emb_dim']}: " + "; ".join(problems) +
