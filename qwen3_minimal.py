@@ -1294,6 +1294,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = torch.device(args.device) if args.device else get_device()
+        if device.type != "cpu" and not (hasattr(torch, device.type) and getattr(torch, device.type).is_available()):
+            raise ValueError(f"--device {args.device}: this PyTorch sees no such device; leave --device out "
+                             f"to use the best one available")
         model, tokenizer = load_model_and_tokenizer(args, device)
         if args.int8:
             quantize_int8(model)
@@ -1315,6 +1318,12 @@ def main(argv=None):
         generate_stats(new_tokens, tokenizer, start, time.perf_counter(), timings, model)
     except (DownloadError, OSError, ValueError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as exc:  # out of memory: CUDA's OutOfMemoryError, or the CPU allocator's
+        if "out of memory" not in str(exc) and "can't allocate memory" not in str(exc):
+            raise
+        print(f"\nerror: out of memory ({str(exc).splitlines()[0][:120]}): try a smaller model, "
+              f"--int8, or a device with more memory", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print()

@@ -1221,8 +1221,29 @@ def test_cli_errors_are_one_clear_line_and_exit_code_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: --model 'not a model' is none of: base, reasoning")
     assert "Traceback" not in result.stderr
+    if not torch.cuda.is_available():
+        result = run_cli([str(HERE / "qwen3_minimal.py"), "--device", "cuda", "--random-weights"], tmp_path)
+        assert result.returncode == 1 and "error: --device cuda: this PyTorch sees no such device" in result.stderr
     result = run_cli([str(HERE / "qwen3_minimal.py"), "--max-new-tokens", "lots"], tmp_path)
     assert result.returncode == 2 and "invalid int value: 'lots'" in result.stderr  # argparse, in a terminal
+
+
+def test_running_out_of_memory_is_one_clear_line(monkeypatch, capsys):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 65536000000 bytes")
+
+    monkeypatch.setattr(q, "load_model_and_tokenizer", no_memory)
+    with pytest.raises(SystemExit) as exit_:
+        q.main(["--model", "Qwen/Qwen3-32B"])
+    assert exit_.value.code == 1
+    assert "error: out of memory ([enforce fail" in capsys.readouterr().err
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(q, "load_model_and_tokenizer", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
+        q.main([])
 
 
 def test_help_explains_every_option_with_examples(tmp_path):
