@@ -5,22 +5,32 @@
 """Qwen3 from scratch, in one file of plain PyTorch.
 
 A companion to chapter 2 of *Build a Reasoning Model (From Scratch)*: the same names as the book's
-`reasoning_from_scratch.qwen3` package (`Qwen3Model`, `QWEN_CONFIG_06_B`, `Qwen3Tokenizer`,
-`download_qwen3_small`, `generate_text_basic_cache`, ...), so every snippet of the chapter runs with
-`from qwen3_minimal import ...`, and the book's weight files load with `load_state_dict`.
+`reasoning_from_scratch` package (`Qwen3Model`, `QWEN_CONFIG_06_B`, `Qwen3Tokenizer`, `KVCache`,
+`download_qwen3_small`, `generate_text_basic_cache`, `generate_stats`, ...), so every snippet of the
+chapter runs with `from qwen3_minimal import ...`, and the book's weight files load with
+`load_state_dict`.
 
 Read it top to bottom, in the chapter's order:
-  1. device            get_device()                                   (section 2.3)
-  2. tokenizer         Qwen3Tokenizer, chat template, streaming decode (section 2.4)
-  3. model parts       RMSNorm, RoPE, attention, feedforward, block   (section 2.5, figure 2.8)
-  4. the model         Qwen3Model and its configs
-  5. weights           download, safetensors, load_qwen3              (section 2.5)
-  6. generation        basic, KV cache, streaming, sampling, stats    (section 2.6)
-  7. the command line  `python qwen3_minimal.py --help`
+  1. device                 get_device()                                        (section 2.5)
+  2. tokenizer              Qwen3Tokenizer, chat template, streaming decode      (section 2.4)
+  3. model parts            RMSNorm, RoPE, KVCache, attention, feedforward, block (figure 2.8, appendix C)
+  4. the model              Qwen3Model, current_pos, and its configs             (section 2.5)
+  5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5)
+  6. generation             the chapter's loops, with and without a KV cache,
+                            and generate_stats                                   (sections 2.6-2.9)
+  7. speed and memory       beyond the chapter: the fast loop, CPU kernel choices,
+                            torch.compile, the speed report, int8 weights
+  8. the command line       `python qwen3_minimal.py --help`
+  9. appendix               downloading robustly (retries, resuming, checksums)
+
+On a first read, do as the chapter advises: treat the architecture (sections 3 and 4) as a black box
+and skim the loading details (section 5 and the appendix); sections 2 and 6 are what the chapter
+builds on.
 
 References: the Qwen3 technical report (arXiv:2505.09388); Hugging Face transformers'
 `models/qwen3/modeling_qwen3.py` (the reference we match logit for logit); gpt-fast (static KV cache,
-meta-device loading); nanoGPT (the shape of a readable model file).
+meta-device loading); nanoGPT (the shape of a readable model file). The README's "Performance" section
+has the measured figures behind every speed choice made here.
 """
 import argparse
 import contextlib
@@ -34,15 +44,19 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+with warnings.catch_warnings():
+    # Without NumPy installed (it is not needed here), importing torch warns "Failed to initialize
+    # NumPy" with a line of torch internals: harmless, but it reads like an error to a newcomer.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # =============================================================================================
 # 1. Device
-# A model runs wherever its tensors live. We pick the fastest accelerator that PyTorch sees,
-# exactly as the chapter's get_device() does, and fall back to the CPU, which is enough for
-# chapters 2-4 (the book decodes 29 tokens/s with the 0.6B model on a Mac Mini M4's CPU).
+# A model runs wherever its tensors live. get_device() picks the fastest accelerator that PyTorch
+# sees, exactly as the chapter's does (section 2.5), and falls back to the CPU, which is enough for
+# chapters 2-4 (the README's "Performance" section has the book's figures and ours).
 # =============================================================================================
 
 
@@ -52,7 +66,8 @@ def get_device(enable_tensor_cores=True):
         device = torch.device("cuda")
         print("Using NVIDIA CUDA GPU")
         if enable_tensor_cores:
-            # Let float32 matrix products use TF32 tensor cores (bfloat16 ones always do).
+            # TF32 ("TensorFloat-32") is the tensor cores' float32 format with a 10-bit mantissa:
+            # float32 matrix products get several times faster at a small cost in precision.
             torch.set_float32_matmul_precision("high")
     elif torch.backends.mps.is_available():
         device = torch.device("mps")
@@ -97,6 +112,7 @@ class Qwen3Tokenizer:
                 f"tokenizer file {path} not found: download it first, e.g. "
                 f"download_qwen3_small(kind='base', tokenizer_only=True, out_dir='{path.parent}')")
         self._tok = Tokenizer.from_file(str(path))
+        self._added_tokens = {token.content for token in self._tok.get_added_tokens_decoder().values()}
         self.chat_wrapped = apply_chat_template  # (the method of that name renders chats)
         self.add_generation_prompt = add_generation_prompt
         self.add_thinking = add_thinking
@@ -125,9 +141,13 @@ class Qwen3Tokenizer:
 
     def encode(self, prompt, chat_wrapped=None):
         """Text -> token ids. Special tokens written in the text (<|im_start|>, <think>, ...)
-        become their single ids, because `tokenizers` matches added tokens before running BPE."""
+        become their single ids, because `tokenizers` matches added tokens before running BPE.
+        A special token alone ("<|im_end|>") is never wrapped, as in the book: later chapters
+        encode one this way to look up its id."""
         if chat_wrapped is None:
             chat_wrapped = self.chat_wrapped
+        if prompt.strip() in self._added_tokens:
+            return [self._tok.token_to_id(prompt.strip())]
         if chat_wrapped:
             prompt = self.apply_chat_template([{"role": "user", "content": prompt}],
                                               add_generation_prompt=self.add_generation_prompt,
@@ -159,13 +179,17 @@ class Qwen3Tokenizer:
         model never sees its old reasoning); `enable_thinking=False` pre-fills an empty think
         block so that the model answers directly.
         """
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"chat message {i} is {message!r}: each message needs a 'role' and a "
+                                 f"'content', e.g. {{'role': 'user', 'content': 'Hello'}}")
         out = []
         if messages and messages[0]["role"] == "system":
-            out.append(f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n")
+            out.append(f"<|im_start|>system\n{messages[0]['content'] or ''}<|im_end|>\n")
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
         last_query = user_turns[-1] if user_turns else len(messages) - 1
         for i, message in enumerate(messages):
-            role, content = message["role"], message["content"]
+            role, content = message["role"], message["content"] or ""  # None renders as "", as officially
             if role == "user" or (role == "system" and i > 0):
                 out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
             elif role == "assistant":
@@ -193,11 +217,31 @@ class Qwen3Tokenizer:
 # =============================================================================================
 # 3. Model parts, from small to large (figure 2.8, read bottom to top)
 # Qwen3 is a decoder-only transformer: token embedding, 28 identical transformer blocks, a final
-# norm and a linear output head. Each block is pre-norm: x + attention(norm1(x)), then
-# x + feedforward(norm2(x)). We build the parts that a block needs first: RMSNorm, rotary
-# position embeddings (RoPE), the KV cache that attention writes to, grouped-query attention
-# and the SwiGLU feedforward. Shapes use b = batch, T = new tokens, S = all visible tokens.
+# norm and a linear output head. Each block is "pre-norm": it normalizes its input before
+# attention and before the feedforward, and adds each result back to its input. That running sum,
+# which flows from the embedding through every block to the head, is the "residual stream".
+# We build what a block needs first: a linear layer, RMSNorm, rotary position embeddings (RoPE),
+# the KV cache that attention writes to, grouped-query attention and the SwiGLU feedforward.
+# Shape letters mean the same everywhere: b = batch size, T = tokens fed in this call,
+# S = positions attention can see (cached ones plus the T new ones).
 # =============================================================================================
+
+
+class Linear(nn.Linear):
+    """nn.Linear without a bias, plus one speed choice explained in section 7 (FLOAT32_PROMPTS):
+    on a CPU without bfloat16 arithmetic, a prompt's products with bfloat16 weights run in
+    float32. Printed, saved and loaded, it is an nn.Linear."""
+
+    def __init__(self, in_features, out_features, dtype=None):
+        super().__init__(in_features, out_features, bias=False, dtype=dtype)
+
+    def forward(self, x):                                     # (b, T, in) -> (b, T, out)
+        if (FLOAT32_PROMPTS and x.shape[-2] > 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and not (torch.is_grad_enabled() and self.weight.requires_grad)):  # training would keep the copies
+            # 4096 output rows at a time, so that the float32 copy of a weight stays small
+            x = x.float()
+            return torch.cat([F.linear(x, rows.float()) for rows in self.weight.split(4096)], dim=-1).bfloat16()
+        return F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -248,35 +292,89 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
 
 def apply_rope(x, cos, sin, offset=0):
     """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1."""
-    num_tokens, head_dim = x.shape[2], x.shape[3]
+    T, head_dim = x.shape[2], x.shape[3]
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
-    cos = cos[offset:offset + num_tokens].to(x.dtype)  # (T, head_dim), broadcast over b and heads
-    sin = sin[offset:offset + num_tokens].to(x.dtype)
+    cos = cos[offset:offset + T].to(x.dtype)  # (T, head_dim), broadcast over b and heads
+    sin = sin[offset:offset + T].to(x.dtype)
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
 
 
 class KVCache:
-    """The keys and values that attention has computed so far, kept for reuse.
+    """The keys and values that attention has computed so far: per layer, a (keys, values) pair,
+    each of shape (b, kv_heads, S, head_dim). Chapter 2.8 introduces it.
 
     Generating token t+1 needs the keys and values of tokens 1..t. Without a cache the model
     recomputes all of them for every new token; with one it computes only the new token's and
-    reads the rest back. The book grows its cache with torch.cat, copying everything each step;
-    here each layer's buffers are allocated once, for the length the generation needs, and new
-    entries are written by index (the same idea as gpt-fast's static cache).
+    reads the rest back. The methods get, update, get_all and reset are the book's protocol:
+    Qwen3Model works with any object that has them (update_kv_cache, right below, shows how).
+
+    Beyond the book: with this class the new entries are written by index into buffers that are
+    allocated once (the same idea as gpt-fast's static cache), instead of copying every cached
+    key into a longer tensor each step. Give max_len, the most positions a generation needs, to
+    allocate them all at the first write; without it the buffers grow 256 positions at a time.
     """
 
-    def __init__(self, cfg, batch_size, max_len, device=None, dtype=None):
-        shape = (batch_size, cfg["n_kv_groups"], max_len, cfg["head_dim"])
-        dtype = dtype or cfg["dtype"]
-        # Left uninitialised: attention only ever reads positions that were written before.
-        self.layers = [(torch.empty(shape, device=device, dtype=dtype),   # keys
-                        torch.empty(shape, device=device, dtype=dtype))   # values
-                       for _ in range(cfg["n_layers"])]
+    def __init__(self, n_layers, max_len=None):
         self.max_len = max_len
-        self.pos = 0  # positions 0 .. pos-1 are filled
+        self.cache = [None] * n_layers     # per layer: None, or (keys, values) so far
+        self._buffers = [None] * n_layers  # per layer: the (keys, values) buffers the entries view
+
+    def get(self, layer_idx):
+        return self.cache[layer_idx]
+
+    def update(self, layer_idx, value):
+        self.cache[layer_idx] = value
+
+    def get_all(self):
+        return self.cache
+
+    def reset(self):
+        """Forget everything, for a new sequence."""
+        self.cache = [None] * len(self.cache)
+        self._buffers = [None] * len(self._buffers)
+
+    def append(self, layer_idx, keys, values, start_pos):
+        """Write a layer's new keys and values, (b, kv_heads, T, head_dim), at positions
+        start_pos.. and return all of them so far, (b, kv_heads, S, head_dim) with S = start_pos + T."""
+        end = start_pos + keys.shape[2]
+        buffers = self._buffers[layer_idx]
+        if buffers is None and start_pos > 0:
+            raise ValueError(f"the KV cache is empty but the model stands at position {start_pos}: begin each "
+                             f"new sequence with model.reset_kv_cache()")
+        if buffers is None or buffers[0].shape[2] < end or buffers[0].shape[:2] != keys.shape[:2]:
+            capacity = max(end, self.max_len or 0)
+            if self.max_len is None:
+                capacity = -(-capacity // 256) * 256  # round up: few reallocations, each one copies
+            # Left uninitialised: attention only ever reads positions that were written before.
+            new_buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
+            if start_pos > 0:
+                new_buffers[0][:, :, :start_pos] = buffers[0][:, :, :start_pos]
+                new_buffers[1][:, :, :start_pos] = buffers[1][:, :, :start_pos]
+            self._buffers[layer_idx] = buffers = new_buffers
+        buffers[0][:, :, start_pos:end] = keys
+        buffers[1][:, :, start_pos:end] = values
+        self.cache[layer_idx] = (buffers[0][:, :, :end], buffers[1][:, :, :end])
+        return self.cache[layer_idx]
+
+
+def update_kv_cache(cache, layer_idx, keys, values, start_pos):
+    """Add a layer's new keys and values (b, kv_heads, T, head_dim), which belong at positions
+    start_pos.., to the cache and return all keys and values so far, (b, kv_heads, S, head_dim)."""
+    if isinstance(cache, KVCache):
+        return cache.append(layer_idx, keys, values, start_pos)  # ours: written in place
+    cached = cache.get(layer_idx)                                 # any other (the book's): grow by copying
+    if (0 if cached is None else cached[0].shape[2]) != start_pos:
+        raise ValueError(f"the KV cache holds {cached[0].shape[2] if cached else 0} positions but the model "
+                         f"stands at position {start_pos}: begin each new sequence with a fresh (or reset) "
+                         f"cache and model.reset_kv_cache()")
+    if cached is not None:
+        keys = torch.cat([cached[0], keys], dim=2)
+        values = torch.cat([cached[1], values], dim=2)
+    cache.update(layer_idx, (keys, values))
+    return keys, values
 
 
 class GroupedQueryAttention(nn.Module):
@@ -285,9 +383,13 @@ class GroupedQueryAttention(nn.Module):
     Qwen3-0.6B has 16 query heads and 8 key/value heads ("n_kv_groups" in the book's configs):
     query heads 0-1 read kv head 0, heads 2-3 read kv head 1, and so on. That halves the KV
     cache without hurting quality much. Qwen3 adds QK-norm: an RMSNorm over each head's query
-    and key vectors, before RoPE, which keeps attention logits in a stable range.
+    and key vectors, before RoPE, which keeps the attention scores in a stable range.
     Note that num_heads * head_dim need not equal d_in (0.6B: 16 * 128 = 2048 vs 1024).
     """
+
+    # True: PyTorch's fused attention kernel (fast). False: the plain computation written out,
+    # as the book and appendix C teach it; both give the same result (a test checks it).
+    fused = True
 
     def __init__(self, d_in, num_heads, num_kv_groups, head_dim, qk_norm=True, dtype=None):
         super().__init__()
@@ -295,59 +397,55 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads, self.num_kv_groups, self.head_dim = num_heads, num_kv_groups, head_dim
         self.group_size = num_heads // num_kv_groups
         self.d_out = num_heads * head_dim
-        self.W_query = nn.Linear(d_in, self.d_out, bias=False, dtype=dtype)
-        self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
-        self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
-        self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
+        self.W_query = Linear(d_in, self.d_out, dtype=dtype)
+        self.W_key = Linear(d_in, num_kv_groups * head_dim, dtype=dtype)
+        self.W_value = Linear(d_in, num_kv_groups * head_dim, dtype=dtype)
+        self.out_proj = Linear(self.d_out, d_in, dtype=dtype)
         # Every Qwen3 model uses QK-norm; the config flag is kept for the book's config dicts.
         self.q_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None):
-        b, num_tokens, _ = x.shape
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim)
-        keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim)
-        values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim)
+    def forward(self, x, cos, sin, start_pos=0, cache=None, layer_idx=0):
+        b, T, _ = x.shape
+        queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)
+        keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)
+        values = self.W_value(x).view(b, T, self.num_kv_groups, self.head_dim)
 
         # QK-norm per head, then heads become a batch dimension for the attention products
         queries = self.q_norm(queries).transpose(1, 2)  # (b, num_heads, T, head_dim)
         keys = self.k_norm(keys).transpose(1, 2)        # (b, num_kv_groups, T, head_dim)
         values = values.transpose(1, 2)                 # (b, num_kv_groups, T, head_dim)
-        queries = apply_rope(queries, cos, sin)
-        keys = apply_rope(keys, cos, sin)
+        queries = apply_rope(queries, cos, sin, offset=start_pos)
+        keys = apply_rope(keys, cos, sin, offset=start_pos)
+        if cache is not None:  # attend to every position so far, not only the new ones
+            keys, values = update_kv_cache(cache, layer_idx, keys, values, start_pos)  # (b, num_kv_groups, S, head_dim)
+        S = keys.shape[2]
 
-        end_pos = start_pos + num_tokens
-        if cache is not None:
-            # Write the new keys and values at their positions, then attend to everything so far.
-            # (The book's version: keys = torch.cat([cached_keys, keys], dim=2).)
-            cached_keys, cached_values = cache          # (b, num_kv_groups, max_len, head_dim)
-            cached_keys[:, :, start_pos:end_pos] = keys
-            cached_values[:, :, start_pos:end_pos] = values
-            keys, values = cached_keys[:, :, :end_pos], cached_values[:, :, :end_pos]  # S = end_pos
-
-        # The plain idea, as in the book (with keys and values repeated group_size times):
-        #     scores = queries @ keys.transpose(2, 3) / head_dim**0.5   # (b, num_heads, T, S)
-        #     scores = scores.masked_fill(future_positions, -inf)
-        #     context = torch.softmax(scores, dim=-1) @ values           # (b, num_heads, T, head_dim)
-        # scaled_dot_product_attention does the same in one fused kernel, softmax in float32.
-        if num_tokens == 1:
-            # Decoding one token: it may see every cached position, so no mask is needed. The
-            # query heads of a group are folded into the "tokens" axis, which lets them share
-            # their kv head without copying it (about 6x faster than enable_gqa on a CPU).
+        if not self.fused:
+            # The plain idea. Each kv head serves group_size query heads: repeat it for them.
+            keys = keys.repeat_interleave(self.group_size, dim=1)      # (b, num_heads, S, head_dim)
+            values = values.repeat_interleave(self.group_size, dim=1)
+            scores = queries @ keys.transpose(2, 3) * self.head_dim ** -0.5  # (b, num_heads, T, S)
+            # New token i sits at position start_pos + i and may not see positions after it.
+            future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(diagonal=start_pos + 1)
+            scores = scores.masked_fill(future, -torch.inf)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+            context = weights @ values                                   # (b, num_heads, T, head_dim)
+        elif T == 1:
+            # Decoding one token: it may see every position, so no mask is needed. The query
+            # heads of a group are folded into the "tokens" axis, which lets them share their
+            # kv head without copying it (faster than enable_gqa on CPUs).
             grouped = queries.reshape(b, self.num_kv_groups, self.group_size, self.head_dim)
             context = F.scaled_dot_product_attention(grouped, keys, values)
             context = context.reshape(b, self.num_heads, 1, self.head_dim)
         elif start_pos == 0:
-            # The prompt (prefill): token i sees tokens 0..i.
-            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
-                                                     enable_gqa=True)
+            # The prompt: token i sees tokens 0..i.
+            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
         else:
-            # New tokens after cached ones: token i sees positions 0..start_pos + i.
-            visible = torch.ones(num_tokens, end_pos, dtype=torch.bool, device=x.device)
-            visible = visible.tril(diagonal=start_pos)
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
-                                                     enable_gqa=True)
-        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+            # New tokens after cached ones, with the plain path's mask, inverted (True = visible).
+            visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
+        context = context.transpose(1, 2).reshape(b, T, self.d_out)
         return self.out_proj(context)                   # (b, T, d_in)
 
 
@@ -357,9 +455,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
-        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
-        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc1 = Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"])
+        self.fc2 = Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"])
+        self.fc3 = Linear(cfg["hidden_dim"], cfg["emb_dim"], dtype=cfg["dtype"])
 
     def forward(self, x):
         return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))  # (b, T, emb_dim) via (b, T, hidden_dim)
@@ -367,7 +465,7 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     """One of the n_layers identical blocks: pre-norm attention, then pre-norm feedforward,
-    each added back to its input (the residual stream)."""
+    each added back to the residual stream."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -377,8 +475,8 @@ class TransformerBlock(nn.Module):
         self.norm1 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
         self.norm2 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None):
-        x = x + self.att(self.norm1(x), cos, sin, start_pos, cache)
+    def forward(self, x, cos, sin, start_pos=0, cache=None, layer_idx=0):
+        x = x + self.att(self.norm1(x), cos, sin, start_pos, cache, layer_idx)
         x = x + self.ff(self.norm2(x))
         return x
 
@@ -394,63 +492,78 @@ class TransformerBlock(nn.Module):
 
 class Qwen3Model(nn.Module):
     """Qwen3 as in figure 2.8. cfg is a config dict such as QWEN_CONFIG_06_B (right below this
-    class, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...)."""
+    class, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...).
+
+    model(token_ids) returns logits (b, T, vocab_size). With a KV cache, as in chapter 2.8,
+    model(token_ids, cache=cache) continues the sequence at model.current_pos, the number of
+    positions seen so far; model.reset_kv_cache() starts a new sequence.
+    """
 
     def __init__(self, cfg):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
+        self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], dtype=cfg["dtype"])
         if cfg.get("tie_word_embeddings", False):
             self.out_head.weight = self.tok_emb.weight
 
         # RoPE tables are computed, not learned, so they are not saved with the weights. Build
-        # them on the CPU even when the weights are created on the "meta" device for loading.
+        # them on the CPU even when the weights are created on the "meta" device for loading
+        # (section 5: a device of shapes without memory).
         with torch.device("cpu"):
             cos, sin = compute_rope_params(cfg["head_dim"], cfg["rope_base"], cfg["context_length"])
         self.register_buffer("cos", cos, persistent=False)  # (context_length, head_dim)
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = cfg
+        self.current_pos = 0  # positions the KV cache holds: where the next token goes
 
-        # A state dict of a tied model names the shared matrix twice (tok_emb.weight and
-        # out_head.weight, as the book's .pth files do). These hooks load it once and keep the
-        # tie; a file whose head differs from its embedding unties the head and loads both.
+        # A tied model's state dict names the shared matrix twice (tok_emb.weight and
+        # out_head.weight, as the book's .pth files do): see _load_tied_head.
         self.register_load_state_dict_pre_hook(self._load_tied_head)
         self.register_load_state_dict_post_hook(self._keep_tied_head)
         self._tied_head_key = None
 
+    def reset_kv_cache(self):
+        """Start a new sequence: the next cached call begins at position 0 (with a fresh or
+        reset KVCache)."""
+        self.current_pos = 0
+
     def forward(self, in_idx, cache=None, last_only=False):
         """in_idx: token ids (b, T) -> logits (b, T, vocab_size), or (b, 1, vocab_size) for
         the last position only when last_only=True (all that generation needs)."""
-        num_tokens = in_idx.shape[1]
-        start_pos = cache.pos if cache is not None else 0
-        end_pos = start_pos + num_tokens
+        if in_idx.dim() != 2 or in_idx.dtype.is_floating_point or in_idx.dtype == torch.bool:
+            raise ValueError(f"token ids must be integers of shape (batch, tokens), got {in_idx.dtype} of shape "
+                             f"{tuple(in_idx.shape)}: use torch.tensor([ids]) for one sequence")
+        T = in_idx.shape[1]
+        start_pos = self.current_pos if cache is not None else 0
+        end_pos = start_pos + T
         if end_pos > self.cfg["context_length"]:
             raise ValueError(f"{end_pos} tokens exceed the model's context length of "
                              f"{self.cfg['context_length']}: shorten the input")
-        if cache is not None and end_pos > cache.max_len:
-            raise ValueError(f"{end_pos} tokens exceed the KV cache's {cache.max_len} positions: "
-                             f"make a larger KVCache")
 
-        x = self.tok_emb(in_idx)                                  # (b, T, emb_dim)
-        cos = self.cos[start_pos:end_pos].to(x.device, x.dtype)  # (T, head_dim), once for all layers
-        sin = self.sin[start_pos:end_pos].to(x.device, x.dtype)
+        x = self.tok_emb(in_idx)                                 # (b, T, emb_dim)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cos, sin, start_pos, cache.layers[i] if cache is not None else None)
+            x = block(x, self.cos, self.sin, start_pos, cache, i)
         if cache is not None:
-            cache.pos = end_pos
+            self.current_pos = end_pos
         if last_only:
-            x = x[:, -1:]                                         # (b, 1, emb_dim)
-        return self.out_head(self.final_norm(x))                  # (b, T, vocab_size)
+            x = x[:, -1:]                                        # (b, 1, emb_dim)
+        return self.out_head(self.final_norm(x))                 # (b, T, vocab_size)
+
+    @property
+    def head_is_tied(self):
+        """True when the output head and the embedding are one matrix."""
+        return self.out_head.weight is self.tok_emb.weight
 
     def _load_tied_head(self, module, state_dict, prefix, *args):
+        """Load a tied model's shared matrix once; a file whose head differs from its embedding
+        (later chapters train them apart) unties the head and loads both."""
         self._tied_head_key = None
-        if self.out_head.weight is not self.tok_emb.weight:
+        if not self.head_is_tied:
             return
-        head, embedding = state_dict.get(prefix + "out_head.weight"), state_dict.get(prefix + "tok_emb.weight")
-        if head is None or embedding is None or torch.equal(head, embedding):
-            state_dict.pop(prefix + "out_head.weight", None)  # load the shared matrix once
+        if state_dict_has_tied_head(state_dict, prefix):
+            state_dict.pop(prefix + "out_head.weight", None)
             self._tied_head_key = prefix + "out_head.weight"
         else:
             self.out_head.weight = nn.Parameter(torch.empty_like(self.tok_emb.weight))
@@ -460,6 +573,13 @@ class Qwen3Model(nn.Module):
             if self._tied_head_key in incompatible_keys.missing_keys:
                 incompatible_keys.missing_keys.remove(self._tied_head_key)
             self.out_head.weight = self.tok_emb.weight  # load_state_dict(assign=True) replaced it
+
+
+def state_dict_has_tied_head(state, prefix=""):
+    """A state dict (in the book's names) is tied when it has no separate head or its head equals
+    its embedding. The one place that decides it, for loading and for reading configs."""
+    head, embedding = state.get(prefix + "out_head.weight"), state.get(prefix + "tok_emb.weight")
+    return head is None or embedding is None or torch.equal(head, embedding)
 
 
 # The book's config dicts, one comment per key. "n_kv_groups" is the number of key/value heads.
@@ -499,6 +619,10 @@ def qwen3_config_from_hf(config):
     rope_scaling = config.get("rope_scaling")
     if rope.get("rope_type", "default") != "default" or (rope_scaling and rope_scaling.get("rope_type") != "default"):
         raise ValueError(f"RoPE scaling {rope_scaling or rope} is not supported: remove it from config.json")
+    dtype_name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    if not isinstance(getattr(torch, str(dtype_name), None), torch.dtype):
+        raise ValueError(f"config.json names the dtype {dtype_name!r}, which is not a torch dtype: "
+                         f"use bfloat16, float16 or float32")
     try:
         return {
             "vocab_size": config["vocab_size"],
@@ -511,7 +635,7 @@ def qwen3_config_from_hf(config):
             "qk_norm": True,
             "n_kv_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
             "rope_base": float(rope["rope_theta"] if rope.get("rope_theta") is not None else 10_000.0),
-            "dtype": getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+            "dtype": getattr(torch, dtype_name),
             "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
         }
     except KeyError as missing:
@@ -519,14 +643,54 @@ def qwen3_config_from_hf(config):
 
 
 # =============================================================================================
-# 5. Weights: names, download, safetensors, loading
+# 5. Weights: download, names, safetensors, loading
 # Pre-trained weights are what make the model useful (section 2.5). They come in two layouts:
 # the book's .pth files (a PyTorch state dict in this file's names) and the official Qwen
-# checkpoints (safetensors files in transformers' names). One name map, one download function
-# and one loader serve both. Downloads are written to "<name>.incomplete" and renamed only when
-# their size (and checksum, where the server gives one) is verified, so a file under its final
-# name is always complete, and a complete file is reused without touching the network.
+# checkpoints (safetensors files in transformers' names). One name map and one loader serve
+# both. Every file comes through download_file, which the appendix (section 9) explains: a file
+# under its final name is always complete, and a complete file is reused without a network.
 # =============================================================================================
+
+BOOK_REPO = "rasbt/qwen3-from-scratch"
+BOOK_MIRROR = "https://f001.backblazeb2.com/file/reasoning-from-scratch/qwen3-0.6B"  # the book's backup
+BOOK_FILES = {"base": ("qwen3-0.6B-base.pth", "tokenizer-base.json"),
+              "reasoning": ("qwen3-0.6B-reasoning.pth", "tokenizer-reasoning.json")}
+
+
+def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
+    """Download the book's 0.6B weights (a .pth state dict, about 1.5 GB) and tokenizer.
+    kind: "base" (the pre-trained model) or "reasoning" (Qwen's own chat/thinking model).
+    Where the Hugging Face hub cannot be reached, the book's mirror is tried."""
+    if kind not in BOOK_FILES:
+        raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
+    model_file, tokenizer_file = BOOK_FILES[kind]
+    for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
+        download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/{name}")
+
+
+def download_qwen3(repo_id="Qwen/Qwen3-0.6B-Base", out_dir=None, revision="main"):
+    """Download an official Qwen3 checkpoint (config, tokenizer, safetensors weights, sharded or
+    not) and return its folder. A copy already in the Hugging Face cache is used as it is."""
+    cached = hf_cache_snapshot(repo_id, revision)
+    if cached is not None:
+        print(f"✓ {repo_id} found in the Hugging Face cache: {cached}")
+        return cached
+    out_dir = Path(out_dir or Path("qwen3") / repo_id.replace("/", "--"))
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        download_file(hub_url(repo_id, name, revision), out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    try:  # large models come in shards, listed by an index
+        index = download_file(hub_url(repo_id, "model.safetensors.index.json", revision), out_dir)
+    except DownloadError as exc:
+        if exc.status != 404:
+            raise
+        download_file(hub_url(repo_id, "model.safetensors", revision), out_dir)
+        return out_dir
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        download_file(hub_url(repo_id, shard, revision), out_dir)
+    return out_dir
+
 
 # Official (transformers) name -> the book's name. No transposes: both store Linear weights as
 # (out_features, in_features).
@@ -557,200 +721,6 @@ def hf_to_book_name(name):
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
     if match and match.group(2) in HF_TO_BOOK_LAYER_NAMES:
         return f"trf_blocks.{match.group(1)}.{HF_TO_BOOK_LAYER_NAMES[match.group(2)]}"
-    return None
-
-
-class DownloadError(RuntimeError):
-    """A download failed. The message says what failed and what to do; `status` is the HTTP
-    status where the server answered (404: no such repo or file)."""
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
-
-
-class _ServerTrouble(Exception):
-    """A 5xx answer: worth another try."""
-
-    def __init__(self, status):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-
-
-def hub_url(repo_id, filename, revision="main"):
-    """Where the Hugging Face hub serves a file. HF_ENDPOINT points elsewhere (a mirror)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{repo_id}/resolve/{revision}/{filename}"
-
-
-def download_file(url, out_dir=".", retries=5):
-    """Download url into out_dir (keeping its file name) and return the file's path.
-
-    The bytes go to "<name>.incomplete" and are renamed only when the size, and the sha256 where
-    the server gives one, check out. An interrupted download resumes where it stopped (an HTTP
-    Range request); dropped connections, time-outs and 5xx answers are retried with backoff.
-    """
-    import requests
-
-    dest = Path(out_dir) / url.rsplit("/", 1)[-1]
-    if dest.is_file():  # only complete, verified files ever get their final name
-        print(f"✓ {dest} already up-to-date")
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".incomplete")
-    host = re.sub(r"^\w+://([^/]+).*", r"\1", url)
-    last_error = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(0.5 * 2 ** (attempt - 1))  # 0.5 s, 1 s, 2 s, ...
-        try:
-            expected_size, expected_sha256 = _download_to(partial, url)
-            break
-        except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
-            raise DownloadError(
-                f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
-                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
-                f"REQUESTS_CA_BUNDLE to its CA certificate, or download the file in a browser and "
-                f"save it as {dest}") from exc
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _ServerTrouble) as exc:
-            last_error = exc  # worth another try; the next one resumes from the partial file
-        except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                raise DownloadError(f"the disk is full while writing {partial}: free some space in "
-                                    f"{dest.parent} and run again; the download resumes") from exc
-            raise
-    else:
-        if isinstance(last_error, _ServerTrouble):
-            raise DownloadError(f"{host} kept failing ({last_error}) for {url}: the server has trouble, "
-                                f"try again later", status=last_error.status) from last_error
-        raise DownloadError(f"cannot reach {host} for {url} ({type(last_error).__name__}, {retries + 1} tries): "
-                            f"are you offline? Once downloaded, files are reused without a network; set "
-                            f"HF_ENDPOINT to use a mirror") from last_error
-
-    size = partial.stat().st_size
-    if expected_size is not None and size != expected_size:
-        raise DownloadError(f"{url} gave {size} bytes, expected {expected_size}: run again to resume")
-    if expected_sha256 is not None and _sha256(partial) != expected_sha256:
-        partial.unlink()
-        raise DownloadError(f"{url} arrived corrupted (its sha256 differs from the server's) and was "
-                            f"deleted: run again to download it afresh")
-    os.replace(partial, dest)
-    return dest
-
-
-def _download_to(partial, url):
-    """One attempt: append the missing bytes to `partial`. Returns (size, sha256 or None)
-    as the server announced them."""
-    import requests
-
-    have = partial.stat().st_size if partial.exists() else 0
-    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=headers, stream=True, timeout=30) as response:
-        # The hub sends large files' size and sha256 on its redirect to the storage host
-        # (X-Linked-Size, X-Linked-Etag); requests keeps that answer in .history.
-        linked = [r.headers for r in (*response.history, response)]  # case-insensitive dicts
-        sha256 = next((h["X-Linked-Etag"] for h in linked if "X-Linked-Etag" in h), "")
-        sha256 = sha256.removeprefix("W/").strip('"').lower()
-        sha256 = sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
-        if response.status_code >= 500:
-            raise _ServerTrouble(response.status_code)
-        if response.status_code == 404:
-            raise DownloadError(f"{url} does not exist (404): check the repo id, revision and file name",
-                                status=404)
-        if response.status_code in (401, 403):
-            raise DownloadError(f"access to {url} was denied ({response.status_code}): the repo may be "
-                                f"gated or private; accept its terms on the hub and set HF_TOKEN",
-                                status=response.status_code)
-        if response.status_code == 416:  # nothing left to send: the partial file is complete
-            return have, sha256
-        if response.status_code >= 400:
-            raise DownloadError(f"{url} answered HTTP {response.status_code}", status=response.status_code)
-        if response.status_code != 206:
-            have = 0  # the server ignored the Range request: start over
-        size = next((int(h["X-Linked-Size"]) for h in linked if "X-Linked-Size" in h), None)
-        if size is None and "Content-Length" in response.headers:
-            size = have + int(response.headers["Content-Length"])
-        name, last_percent = partial.name.removesuffix(".incomplete"), -1
-        with open(partial, "ab" if have else "wb") as file:
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                file.write(chunk)
-                have += len(chunk)
-                percent = have * 100 // size if size else None
-                if percent is not None and percent != last_percent:  # "name: 37% (530 MiB / 1433 MiB)"
-                    sys.stdout.write(f"\r{name}: {percent:3d}% ({have >> 20} MiB / {size >> 20} MiB)")
-                    sys.stdout.flush()
-                    last_percent = percent
-        if size:
-            sys.stdout.write("\n")
-    return size, sha256
-
-
-def _sha256(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-BOOK_REPO = "rasbt/qwen3-from-scratch"
-BOOK_FILES = {"base": ("qwen3-0.6B-base.pth", "tokenizer-base.json"),
-              "reasoning": ("qwen3-0.6B-reasoning.pth", "tokenizer-reasoning.json")}
-
-
-def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
-    """Download the book's 0.6B weights (a .pth state dict, about 1.5 GB) and tokenizer.
-    kind: "base" (the pre-trained model) or "reasoning" (Qwen's own chat/thinking model)."""
-    if kind not in BOOK_FILES:
-        raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
-    model_file, tokenizer_file = BOOK_FILES[kind]
-    for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
-        download_file(hub_url(BOOK_REPO, name), out_dir)
-
-
-def download_qwen3(repo_id="Qwen/Qwen3-0.6B-Base", out_dir=None, revision="main"):
-    """Download an official Qwen3 checkpoint (config, tokenizer, safetensors weights, sharded or
-    not) and return its folder. A copy already in the Hugging Face cache is used as it is."""
-    cached = _hf_cache_snapshot(repo_id, revision)
-    if cached is not None:
-        print(f"✓ {repo_id} found in the Hugging Face cache: {cached}")
-        return cached
-    out_dir = Path(out_dir or Path("qwen3") / repo_id.replace("/", "--"))
-    for name in ("config.json", "generation_config.json", "tokenizer.json"):
-        download_file(hub_url(repo_id, name, revision), out_dir)
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    try:  # large models come in shards, listed by an index
-        index = download_file(hub_url(repo_id, "model.safetensors.index.json", revision), out_dir)
-    except DownloadError as exc:
-        if exc.status != 404:
-            raise
-        download_file(hub_url(repo_id, "model.safetensors", revision), out_dir)
-        return out_dir
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        download_file(hub_url(repo_id, shard, revision), out_dir)
-    return out_dir
-
-
-def _hf_cache_snapshot(repo_id, revision):
-    """The folder of a complete checkpoint in the local Hugging Face cache, or None."""
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    repo_dir = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")) / f"models--{repo_id.replace('/', '--')}"
-    ref = repo_dir / "refs" / revision
-    snapshot = repo_dir / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
-    if not all((snapshot / name).is_file() for name in ("config.json", "tokenizer.json")):
-        return None
-    if (snapshot / "model.safetensors").is_file():
-        return snapshot
-    index = snapshot / "model.safetensors.index.json"
-    if index.is_file() and all((snapshot / shard).is_file()
-                               for shard in json.loads(index.read_text())["weight_map"].values()):
-        return snapshot
     return None
 
 
@@ -785,6 +755,8 @@ def read_safetensors(path):
             header = json.loads(file.read(header_len))
         except ValueError as exc:
             raise invalid(f"its header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise invalid(f"its header is a JSON {type(header).__name__}, not an object of tensors")
         # ACCESS_COPY: private pages, so the tensors are writable without ever changing the file
         data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     data_start, data_size = 8 + header_len, file_size - 8 - header_len
@@ -819,8 +791,9 @@ def load_qwen3(path, device=None, dtype=None):
 
     path: an official checkpoint folder (config.json and model.safetensors, or shards listed in
     model.safetensors.index.json), or one of the book's .pth files (sizes read off its shapes).
-    The model is built on the "meta" device (shapes only, no memory) and the file's tensors are
-    then assigned to it, so loading holds one copy of the weights: the memory-mapped file's.
+    The model is built on the "meta" device (a device of shapes without memory) and the file's
+    tensors are then assigned to it, so loading holds one copy of the weights: the memory-mapped
+    file's.
     """
     path = Path(path)
     if path.is_dir():
@@ -848,13 +821,25 @@ def load_qwen3(path, device=None, dtype=None):
     return model.to(device).eval() if device is not None else model.eval()
 
 
+def load_hf_weights_into_qwen(model, param_config, params):
+    """Load official weights {transformers name: tensor} into a Qwen3Model, as the book's
+    appendix does; `param_config` is the model's config dict. Nothing is loaded unless every
+    tensor fits."""
+    if param_config["n_layers"] != model.cfg["n_layers"]:
+        raise ValueError(f"param_config has {param_config['n_layers']} layers, the model "
+                         f"{model.cfg['n_layers']}: build the model from the same config")
+    state = {hf_to_book_name(name) or f"(unknown) {name}": tensor for name, tensor in params.items()}
+    _check_checkpoint(model, state, "the given weights")
+    model.load_state_dict(state, assign=model.tok_emb.weight.is_meta)
+    return model
+
+
 def _config_from_book_state_dict(state, path):
     """A book .pth file carries no config: read the sizes off its tensors' shapes. What shapes
     cannot tell (context length, RoPE base) is the same for every Qwen3 size: take the 0.6B's."""
     try:
         vocab_size, emb_dim = state["tok_emb.weight"].shape
         head_dim = state["trf_blocks.0.att.q_norm.scale"].shape[0]
-        head = state.get("out_head.weight")
         return {**QWEN_CONFIG_06_B,
                 "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
                 "n_layers": 1 + max(int(name.split(".")[1]) for name in state if name.startswith("trf_blocks.")),
@@ -862,7 +847,7 @@ def _config_from_book_state_dict(state, path):
                 "n_kv_groups": state["trf_blocks.0.att.W_key.weight"].shape[0] // head_dim,
                 "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0],
                 "dtype": state["tok_emb.weight"].dtype,
-                "tie_word_embeddings": head is None or torch.equal(head, state["tok_emb.weight"])}
+                "tie_word_embeddings": state_dict_has_tied_head(state)}
     except (KeyError, AttributeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a Qwen3 state dict in the book's names "
                          f"(cannot read its sizes: {type(exc).__name__} {exc})") from None
@@ -889,7 +874,7 @@ def _read_official_checkpoint(folder):
 def _check_checkpoint(model, state, path):
     """Refuse a checkpoint that does not fit the model, before anything is loaded."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    if model.out_head.weight is model.tok_emb.weight and "out_head.weight" not in state:
+    if model.head_is_tied and "out_head.weight" not in state:
         del expected["out_head.weight"]  # a tied head may be stored once, as the embedding
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -909,59 +894,213 @@ def _check_checkpoint(model, state, path):
 
 
 # =============================================================================================
-# 6. Generation
+# 6. Generation (chapter sections 2.6-2.9)
 # An LLM writes one token at a time (figure 2.10): run the model on the tokens so far, take the
-# scores of the last position (figure 2.11), pick a token (the highest score: "greedy"), append
-# it, repeat. The chapter's four functions differ only in two switches, a KV cache or not and
-# streaming or not, so one loop, generate_tokens, serves them all.
+# scores of the last position (figure 2.11), pick a token (the highest score: "greedy", figure
+# 2.12), append it, repeat. With a KV cache (section 2.8) only the first call reads the whole
+# prompt (the "prefill"); each later call feeds just the newest token. The loops below are the
+# chapter's, as running code, for any model that follows the book's protocol (model.cfg,
+# model.reset_kv_cache(), model(ids, cache=...)); our own Qwen3Model takes the faster loop of
+# section 7, which gives the same tokens.
 # =============================================================================================
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
     """Scores of the last position (b, vocab_size) -> next token ids (b, 1).
 
-    temperature 0 is greedy (argmax, figure 2.12). Otherwise divide the scores by the
-    temperature (below 1: sharper, above 1: flatter), keep the top_k highest and/or the fewest
-    tokens whose probabilities add up to top_p, and draw one at random (torch.manual_seed
-    makes the draw reproducible).
+    temperature 0 is greedy (argmax, figure 2.12). Sampling comes from chapter 4 (top-k is not in
+    the book): divide the scores by the temperature (below 1: sharper, above 1: flatter), keep the
+    top_k highest and/or the fewest tokens whose probabilities add up to top_p, and draw one at
+    random (torch.manual_seed makes the draw reproducible).
     """
-    if not temperature:
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for no limit), not {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), not {top_p}")
+    if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, -torch.inf)
+        logits = logits.masked_fill(logits < kth_best, -torch.inf)  # ties with the k-th stay in
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before it already >= top_p
+        # drop a token when the tokens before it already hold more than top_p of the mass
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, num_samples=1)
+
+
+def check_generation_args(model, token_ids, max_new_tokens):
+    """Refuse, with a clear message, what would otherwise fail deep inside PyTorch."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"token_ids must be a tensor of shape (batch, tokens), got {shape}: "
+                         f"use torch.tensor([tokenizer.encode(prompt)])")
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids must be integers, got {token_ids.dtype}: use torch.tensor([ids]) "
+                         f"with ids from tokenizer.encode, or .long()")
+    if token_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, not {max_new_tokens!r}")
+    vocab_size, context_length = model.cfg.get("vocab_size"), model.cfg.get("context_length")
+    if vocab_size is not None and not 0 <= token_ids.min() <= token_ids.max() < vocab_size:
+        raise ValueError(f"token_ids holds ids from {int(token_ids.min())} to {int(token_ids.max())}, but the "
+                         f"vocabulary has ids 0..{vocab_size - 1}: encode with this model's tokenizer")
+    if context_length is not None and token_ids.shape[1] + max_new_tokens > context_length:
+        raise ValueError(f"the prompt ({token_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) "
+                         f"exceed the context length of {context_length}: shorten one of them")
+
+
+def is_eos(next_token, eos_token_id):
+    """True when every row of next_token (b, 1) is an end-of-sequence id. eos_token_id is an id,
+    a list of ids (chat models end with either of two), or None. As in the book, a batch stops
+    only when all its rows end at the same step; a row that ends earlier keeps generating."""
+    if eos_token_id is None:
+        return False
+    return bool(torch.isin(next_token, torch.tensor(eos_token_id, device=next_token.device)).all())
+
+
+def is_our_model(model):
+    """Our Qwen3Model, also inside torch.compile's wrapper: it takes section 7's fast loop."""
+    return isinstance(getattr(model, "_orig_mod", model), Qwen3Model)
+
+
+@torch.inference_mode()
+def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Yield new tokens (b, 1) one by one, running the model on the whole sequence each step.
+    options: temperature, top_k, top_p (see sample_next_token); with our model also compile
+    and timings (see generate_tokens)."""
+    if is_our_model(model):
+        yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=False, **options)
+        return
+    check_generation_args(model, token_ids, max_new_tokens)
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(token_ids)[:, -1]                       # (b, vocab_size): the last position
+        next_token = sample_next_token(logits, **options)      # (b, 1)
+        if is_eos(next_token, eos_token_id):
+            break
+        yield next_token
+        token_ids = torch.cat([token_ids, next_token], dim=1)  # (b, T + 1)
+
+
+@torch.inference_mode()
+def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Yield new tokens (b, 1) one by one, feeding the model only the newest token after the
+    prompt: everything before it is in the KV cache (section 2.8). Options as above."""
+    if is_our_model(model):
+        yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=True, **options)
+        return
+    check_generation_args(model, token_ids, max_new_tokens)
+    model.eval()
+    cache = KVCache(n_layers=model.cfg["n_layers"])
+    model.reset_kv_cache()
+    logits = model(token_ids, cache=cache)[:, -1]              # the prompt: fills the cache
+    for _ in range(max_new_tokens):
+        next_token = sample_next_token(logits, **options)
+        if is_eos(next_token, eos_token_id):
+            break
+        yield next_token
+        logits = model(next_token, cache=cache)[:, -1]         # one new position
+
+
+def generate_text_basic(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Return the new tokens, (b, n), generated without a cache."""
+    tokens = generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id, **options)
+    return concat_new_tokens(list(tokens), token_ids)
+
+
+def generate_text_basic_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+    """Return the new tokens, (b, n), generated with a KV cache."""
+    tokens = generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id, **options)
+    return concat_new_tokens(list(tokens), token_ids)
+
+
+def concat_new_tokens(new_tokens, token_ids):
+    """A list of (b, 1) tokens -> (b, n); (b, 0) when the list is empty."""
+    return torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]
+
+
+def generate_stats(output_token_ids, tokenizer, start_time, end_time):
+    """Print how fast a generation ran, as the chapter's does: time, tokens per second and, on
+    CUDA or XPU, the peak memory (whose counter is then reset for the next measurement).
+    `tokenizer` is unused; it is kept for the book's signature. Section 7's speed_report gives
+    more figures."""
+    total_time = end_time - start_time
+    print(f"\n\nTime: {total_time:.2f} sec")
+    print(f"{int(output_token_ids.numel() / total_time)} tokens/sec")
+    for name in ("cuda", "xpu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and backend.is_available():
+            backend.synchronize()
+            print(f"Max {name.upper()} memory allocated: {backend.max_memory_allocated() / 1024**3:.2f} GB")
+            backend.reset_peak_memory_stats()
+
+
+# =============================================================================================
+# 7. Speed and memory, beyond the chapter
+# The chapter's loops are right but leave speed on the table. For our own model, generate_tokens
+# below runs the same loop with what fast implementations (gpt-fast, llama.cpp) do: a KV cache
+# allocated once for the whole generation, the output head computed for the last position only,
+# the fastest CPU kernel for each kind of step, and optionally torch.compile. Then come the speed
+# report of the command line and int8 weights. The README's "Performance" section has the
+# measurements, per kind of CPU, behind each choice.
+#
+# Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
+# arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
+# reading each weight once for two operations: the speed of reading memory is the limit, and the
+# best a step can do is (bytes of weights) / (memory bandwidth), the "roofline".
+# =============================================================================================
+
+
+def cpu_has_bfloat16_arithmetic(cpuinfo=None):
+    """Whether this CPU computes with bfloat16 numbers natively (x86: AVX512_BF16 or AMX; Arm:
+    BF16), read from /proc/cpuinfo's flags. Elsewhere only an AVX2 CPU is known to lack it."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+    return bool(set(cpuinfo.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+# Where the CPU lacks bfloat16 arithmetic, PyTorch emulates it, and a prompt's matrix products with
+# bfloat16 weights run several times slower than the same products in float32. So on such a CPU,
+# Linear (section 3) converts the weights to float32 for each product of many tokens: the weights
+# stay bfloat16 in memory, and converting costs much less than the emulation. One-token steps are
+# limited by reading memory, not by arithmetic, and keep reading bfloat16. Tests set this to False
+# to prove the plain bfloat16 path against transformers on every CPU.
+FLOAT32_PROMPTS = not cpu_has_bfloat16_arithmetic()
 
 
 @torch.inference_mode()
 def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cache=True, temperature=0.0,
                     top_k=None, top_p=None, compile=False, timings=None):
-    """The generation loop: yield up to max_new_tokens new token ids, each of shape (b, 1).
+    """The chapter's loop for our Qwen3Model, made fast: yield up to max_new_tokens new token ids,
+    each of shape (b, 1), the same ones the chapter's loops give.
 
     Args:
         token_ids: the prompt, (b, T).
-        eos_token_id: an id, or a list of ids (chat models end with either of two); generation
-            stops when every sequence of the batch produced one (it is not yielded).
+        eos_token_id: an id or a list of ids; generation stops when every row of the batch
+            produced one at the same step (it is not yielded).
         use_cache: keep keys and values in a KVCache (fast) or recompute them every step.
         temperature, top_k, top_p: sampling, see sample_next_token (default: greedy).
         compile: run the model through torch.compile (see compile_model).
         timings: a dict to fill with prompt_tokens, prefill_s, new_tokens, decode_s.
     """
+    check_generation_args(model, token_ids, max_new_tokens)
     model.eval()
-    batch_size, prompt_len = token_ids.shape
-    max_len = prompt_len + max_new_tokens
-    if max_len > model.cfg["context_length"]:
-        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceed the "
-                         f"context length of {model.cfg['context_length']}: shorten one of them")
-    eos_ids = None if eos_token_id is None else torch.tensor(eos_token_id, device=token_ids.device).view(-1)
+    prompt_len = token_ids.shape[1]
+    weights_dtype = model.tok_emb.weight.dtype
     forward = compile_model(model) if compile else model
-    cache = KVCache(model.cfg, batch_size, max_len, token_ids.device, model.tok_emb.weight.dtype) if use_cache else None
+    # Allocated once, for every position this generation can reach
+    cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
+    model.reset_kv_cache()
     start = time.perf_counter()
 
     # Only the last position's scores pick the next token, so the model computes the output head
@@ -974,13 +1113,13 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
             if step == 0:
                 timings.update(prompt_tokens=prompt_len, prefill_s=time.perf_counter() - start, new_tokens=0)
             timings.update(new_tokens=step + 1, decode_s=time.perf_counter() - start - timings["prefill_s"])
-        if eos_ids is not None and torch.isin(next_token, eos_ids).all():
+        if is_eos(next_token, eos_token_id):
             break
         yield next_token
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody asks for
         if use_cache:  # the new token alone: everything before it is in the cache
-            with matrix_vector_kernels(model.tok_emb.weight.dtype):
+            with matrix_vector_kernels(weights_dtype):
                 logits = forward(next_token, cache=cache, last_only=True)[:, -1]
         else:          # the whole sequence again, as in figure 2.10
             token_ids = torch.cat([token_ids, next_token], dim=1)
@@ -991,13 +1130,11 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
 def matrix_vector_kernels(dtype):
     """Run one-token steps of a bfloat16 model on PyTorch's own CPU kernels, not oneDNN's.
 
-    A one-token step multiplies every weight matrix by a single vector, reading each weight
-    once: its speed is the speed of streaming weights from memory. For that shape, the oneDNN
-    bfloat16 kernel that PyTorch picks by default on CPUs streams 14-17 GB/s here; PyTorch's
-    native kernel, which it uses while oneDNN is switched off, streams 26-37 GB/s, close to what
-    the memory delivers, and decoding gets about twice as fast. Prompts (matrix times matrix)
-    keep oneDNN, which is five times faster there; float32 and float16 keep it too (it is as fast
-    or faster for them). GPUs are not affected.
+    oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many CPU
+    operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one vector
+    PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic, and as
+    fast elsewhere (the README's "Performance" section has the figures). So oneDNN is switched
+    off for these steps only; prompts keep it. GPUs are not affected.
     """
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = enabled and dtype != torch.bfloat16
@@ -1013,38 +1150,13 @@ def _synchronize(device):
         getattr(torch, device.type).synchronize()
 
 
-# The chapter's functions: thin, honest entry points to the one loop above. Extra keyword
-# arguments (temperature, top_k, top_p, compile, timings) pass through.
-
-def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None, **options):
-    """Yield new tokens one by one, recomputing the whole sequence each step (no cache)."""
-    yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=False, **options)
-
-
-def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
-    """Yield new tokens one by one, computing only the new token each step (KV cache)."""
-    yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=True, **options)
-
-
-def generate_text_basic(model, token_ids, max_new_tokens, eos_token_id=None, **options):
-    """Return the new tokens, (b, n), generated without a cache."""
-    new_tokens = list(generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id, **options))
-    return torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]
-
-
-def generate_text_basic_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
-    """Return the new tokens, (b, n), generated with a KV cache."""
-    new_tokens = list(generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id, **options))
-    return torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]
-
-
 def compile_model(model):
-    """The model's forward through torch.compile, made once per model.
+    """The model's forward through torch.compile, made once per model (section 2.9).
 
     torch.compile turns the forward pass into fused kernels, which removes most of Python's and
-    PyTorch's per-operation overhead (the book measures 2-3x on GPUs). It needs a working C
-    compiler and Python headers on a CPU (and Triton on a GPU); where compiling fails, we warn
-    once and keep running eagerly.
+    PyTorch's per-operation overhead. It needs a working C compiler and Python headers on a CPU
+    (and Triton on a GPU); where compiling fails, we warn once and keep running eagerly. The
+    failure comes while compiling, before the step runs, so the KV cache is still as it was.
     """
     if "compiled_forward" not in model.__dict__:
         # dynamic=True: one graph for every prompt length and cache position (two in all, the
@@ -1054,53 +1166,25 @@ def compile_model(model):
         def compiled_forward(in_idx, cache=None, last_only=False):
             nonlocal compiled
             if compiled is not None:
-                pos = cache.pos if cache is not None else None
-                try:
-                    return compiled(in_idx, cache=cache, last_only=last_only)
+                try:  # model.current_pos as an input of the graph, not a constant of it (as in section 2.9)
+                    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+                        return compiled(in_idx, cache=cache, last_only=last_only)
                 except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
                     reason = (str(exc).strip().splitlines() or [""])[0][:160]
                     warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
                                   stacklevel=2)
                     compiled = None
-                    if cache is not None:
-                        cache.pos = pos  # forget a partial step
             return model(in_idx, cache=cache, last_only=last_only)
 
         model.compiled_forward = compiled_forward  # a plain attribute: not a submodule, not saved
     return model.compiled_forward
 
 
-def weight_bytes_per_token(model):
-    """Bytes of weights one decoding step reads from memory: every weight once, except the
-    embedding table, of which it reads one row (unless the table doubles as the output head)."""
-    embedding = model.tok_emb.weight
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]
-               if t is not embedding or model.out_head.weight is embedding}
-    del tensors[model.cos.data_ptr()], tensors[model.sin.data_ptr()]  # RoPE tables: one row each
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def peak_memory(device):
-    """(bytes, what was measured): the accelerator's peak allocation, or this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA max allocated"
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None, "not measured on this system"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of this process"
-
-
-def generate_stats(output_token_ids, tokenizer, start_time, end_time, timings=None, model=None):
-    """Print how fast a generation ran, as the chapter does, and return the numbers as a dict.
-
-    With the timings that generate_tokens fills, it also splits the time into prefill (reading
-    the prompt, one parallel pass) and decode (one pass per new token). Decoding reads every
-    weight once per token, so it is bound by memory bandwidth: with the model given, it shows
-    the bandwidth achieved, weight bytes per token x tokens/s. (`tokenizer` is unused; it is
-    kept for the book's signature.)
-    """
+def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
+    """Print, and return as a dict, what the command line shows after a generation: time, tokens
+    per second and, with generate_tokens' timings, time to first token (the prefill) and decode
+    speed; with the model, the memory bandwidth decoding achieved (weight bytes per token x
+    tokens/s, to compare with the roofline); and peak memory."""
     total_s = end_time - start_time
     stats = {"time_s": total_s, "tokens": output_token_ids.numel(), "tokens_per_s": output_token_ids.numel() / total_s}
     lines = [f"\n\nTime: {total_s:.2f} sec", f"{stats['tokens_per_s']:.1f} tokens/sec"]
@@ -1125,13 +1209,35 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time, timings=No
     return stats
 
 
-# Smaller weights: int8. Storing each Linear weight as int8 with one scale per output row
-# (w ~= w_int8 * scale, scale = max|row| / 127) halves the memory of the linear layers and the
-# bytes a decode step reads, at a small cost in accuracy. It speeds decoding up where reading
-# weights is the limit and the int8 kernel keeps pace; on the 2-core machine we measure on, both
-# the int8 kernel and PyTorch's native bfloat16 one process about 8 billion weights per second per
-# core, so int8 decodes as fast as bfloat16 there (0.9-1.05x) in 23% less memory. The embedding
-# lookup reads one row per token and the norms are tiny, so they stay as they are.
+def weight_bytes_per_token(model):
+    """Bytes of weights one decoding step reads from memory: every weight once, except the
+    embedding table, of which it reads one row (unless the table doubles as the output head),
+    and the RoPE tables, of which it reads one row each."""
+    skip = {model.cos.data_ptr(), model.sin.data_ptr()}
+    if not model.head_is_tied:
+        skip.add(model.tok_emb.weight.data_ptr())
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.data_ptr() not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def peak_memory(device):
+    """(bytes, what was measured): the accelerator's peak allocation, or this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA max allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "not measured on this system"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of this process"
+
+
+# Smaller weights: int8 (not in the book). Storing each Linear weight as int8 with one scale per
+# output row (w ~= w_int8 * scale, scale = max|row| / 127) halves the memory of the linear layers
+# and the bytes a decode step reads, at a small cost in accuracy. Whether that makes decoding
+# faster depends on the CPU: the int8 kernel must keep pace with memory (the README's
+# "Performance" section says where it does). The embedding lookup reads one row per token and
+# the norms are tiny, so they stay as they are.
 
 class Int8Linear(nn.Module):
     """A bias-free Linear layer with int8 weights and per-output-row scales."""
@@ -1152,8 +1258,9 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
             # The plain idea, which also suits prompts (compute-bound, where that kernel is slow):
-            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale
-            out = F.linear(rows, self.weight.to(x.dtype)) * self.scales
+            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale, in float32 where bfloat16 is emulated
+            compute = torch.float32 if FLOAT32_PROMPTS and x.device.type == "cpu" else x.dtype
+            out = (F.linear(rows.to(compute), self.weight.to(compute)) * self.scales.to(compute)).to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)                      # (b, T, out_features)
 
     def extra_repr(self):
@@ -1173,7 +1280,7 @@ def quantize_int8(model):
 
 
 # =============================================================================================
-# 7. The command line: `python qwen3_minimal.py`
+# 8. The command line: `python qwen3_minimal.py`
 # With no arguments: download the chapter's 0.6B base model and tokenizer, stream a greedy
 # completion of the chapter's prompt, and print the stats. `--help` lists the rest: chat with
 # the reasoning model, larger official models, local checkpoints, sampling, compile and int8.
@@ -1267,7 +1374,7 @@ def stream_reply(model, tokenizer, token_ids, args, max_new_tokens):
         piece = decode(token).replace("<think>", f"{dim}[thinking] ").replace("</think>", f"{plain}\n[answer] ")
         print(piece, end="", flush=True)
     print(plain, end="")
-    return (torch.cat(new_tokens, dim=1) if new_tokens else token_ids[:, :0]), timings
+    return concat_new_tokens(new_tokens, token_ids), timings
 
 
 def chat(model, tokenizer, args, device):
@@ -1315,7 +1422,7 @@ def main(argv=None):
         start = time.perf_counter()
         new_tokens, timings = stream_reply(model, tokenizer, torch.tensor([ids], device=device), args,
                                            args.max_new_tokens or 128)
-        generate_stats(new_tokens, tokenizer, start, time.perf_counter(), timings, model)
+        speed_report(new_tokens, start, time.perf_counter(), timings, model)
     except (DownloadError, OSError, ValueError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -1327,6 +1434,189 @@ def main(argv=None):
         sys.exit(1)
     except KeyboardInterrupt:
         print()
+
+
+# =============================================================================================
+# 9. Appendix: downloading robustly
+# Skip this on a first read: section 5 only needs "download_file(url, folder) returns the file".
+# A 1.5 GB download over a real network meets dropped connections, overloaded servers, proxies,
+# full disks and interrupted runs. So the bytes go to "<name>.incomplete" and get the final
+# name only once their size (and sha256, where the server gives one) checks out; an interrupted
+# download resumes with an HTTP Range request ("send bytes N onwards"); time-outs and server
+# errors are retried with a growing pause; and every failure ends in a message that says what
+# to do. Official checkpoints already in the Hugging Face cache are used where they lie.
+# =============================================================================================
+
+
+class DownloadError(RuntimeError):
+    """A download failed. The message says what failed and what to do; `status` is the HTTP
+    status where the server answered (404: no such repo or file)."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class _ServerTrouble(Exception):
+    """A 5xx answer: worth another try."""
+
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def hub_url(repo_id, filename, revision="main"):
+    """Where the Hugging Face hub serves a file. HF_ENDPOINT points elsewhere (a mirror)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{repo_id}/resolve/{revision}/{filename}"
+
+
+def download_file(url, out_dir=".", backup_url=None, retries=5):
+    """Download url into out_dir (keeping its file name) and return the file's path. Where url
+    fails, backup_url (a mirror of the same file) is tried, as in the book."""
+    dest = Path(out_dir) / url.rsplit("/", 1)[-1]
+    if dest.is_file():  # only complete, verified files ever get their final name
+        print(f"✓ {dest} already up-to-date")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_with_retries(url, dest, retries)
+    except DownloadError as exc:
+        if backup_url is None or "disk is full" in str(exc):
+            raise
+        print(f"{url} failed ({exc}).\nTrying the backup URL {backup_url} ...")
+        return _download_with_retries(backup_url, dest, retries)
+
+
+def _download_with_retries(url, dest, retries):
+    import requests
+
+    partial = dest.with_name(dest.name + ".incomplete")
+    host = re.sub(r"^\w+://([^/]+).*", r"\1", url)
+    last_error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))  # 0.5 s, 1 s, 2 s, ...
+        try:
+            expected_size, expected_sha256 = _download_to(partial, url)
+            break
+        except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
+            raise DownloadError(
+                f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
+                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
+                f"REQUESTS_CA_BUNDLE to its CA certificate, or download the file in a browser and "
+                f"save it as {dest}") from exc
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                _ServerTrouble) as exc:
+            last_error = exc  # worth another try; the next one resumes from the partial file
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise DownloadError(f"the disk is full while writing {partial}: free some space in "
+                                    f"{dest.parent} and run again; the download resumes") from exc
+            raise DownloadError(f"could not write {partial} ({exc}): check that {dest.parent} is a "
+                                f"writable folder, or choose another one") from exc
+    else:
+        if isinstance(last_error, _ServerTrouble):
+            raise DownloadError(f"{host} kept failing ({last_error}) for {url}: the server has trouble, "
+                                f"try again later", status=last_error.status) from last_error
+        raise DownloadError(f"cannot reach {host} for {url} ({type(last_error).__name__}, {retries + 1} tries): "
+                            f"are you offline? Once downloaded, files are reused without a network; set "
+                            f"HF_ENDPOINT to use a mirror") from last_error
+
+    size = partial.stat().st_size
+    if expected_size is not None and size != expected_size:
+        if size > expected_size:
+            partial.unlink()
+            raise DownloadError(f"{url} gave {size} bytes, more than the {expected_size} expected; the file "
+                                f"was deleted: run again to download it afresh")
+        raise DownloadError(f"{url} gave {size} bytes, expected {expected_size}: run again to resume")
+    if expected_sha256 is not None and _sha256(partial) != expected_sha256:
+        partial.unlink()
+        raise DownloadError(f"{url} arrived corrupted (its sha256 differs from the server's) and was "
+                            f"deleted: run again to download it afresh")
+    os.replace(partial, dest)
+    return dest
+
+
+def _download_to(partial, url):
+    """One attempt: append the missing bytes to `partial`. Returns (size, sha256 or None)
+    as the server announced them."""
+    import requests
+
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, headers=headers, stream=True, timeout=30) as response:
+        # The hub sends large files' size and sha256 on its redirect to the storage host
+        # (X-Linked-Size, X-Linked-Etag); requests keeps that answer in .history.
+        linked = [r.headers for r in (*response.history, response)]  # case-insensitive dicts
+        sha256 = next((h["X-Linked-Etag"] for h in linked if "X-Linked-Etag" in h), "")
+        sha256 = sha256.removeprefix("W/").strip('"').lower()
+        sha256 = sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
+        size = next((int(h["X-Linked-Size"]) for h in linked if "X-Linked-Size" in h), None)
+        if response.status_code >= 500:
+            raise _ServerTrouble(response.status_code)
+        if response.status_code == 404:
+            raise DownloadError(f"{url} does not exist (404): check the repo id, revision and file name",
+                                status=404)
+        if response.status_code in (401, 403):
+            raise DownloadError(f"access to {url} was denied ({response.status_code}): the repo may be "
+                                f"gated or private; accept its terms on the hub and set HF_TOKEN",
+                                status=response.status_code)
+        if response.status_code == 416:  # "range not satisfiable": nothing after byte `have`
+            total = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
+            size = int(total.group(1)) if total else size
+            if size is None and sha256 is None:  # the partial file cannot be verified: start over
+                partial.unlink()
+                return _download_to(partial, url)
+            return size, sha256
+        if response.status_code >= 400:
+            raise DownloadError(f"{url} answered HTTP {response.status_code}", status=response.status_code)
+        if response.status_code != 206:
+            have = 0  # the server ignored the Range request: start over
+        if size is None and "Content-Length" in response.headers:
+            size = have + int(response.headers["Content-Length"])
+        name, last_percent = partial.name.removesuffix(".incomplete"), -1
+        with open(partial, "ab" if have else "wb") as file:
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                file.write(chunk)
+                have += len(chunk)
+                percent = have * 100 // size if size else None
+                if percent is not None and percent != last_percent:  # "name: 37% (530 MiB / 1433 MiB)"
+                    sys.stdout.write(f"\r{name}: {percent:3d}% ({have >> 20} MiB / {size >> 20} MiB)")
+                    sys.stdout.flush()
+                    last_percent = percent
+        if size:
+            sys.stdout.write("\n")
+    return size, sha256
+
+
+def _sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hf_cache_snapshot(repo_id, revision="main"):
+    """The folder of a complete checkpoint in the local Hugging Face cache, or None."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    repo_dir = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")) / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / revision
+    snapshot = repo_dir / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+    if not all((snapshot / name).is_file() for name in ("config.json", "tokenizer.json")):
+        return None
+    if (snapshot / "model.safetensors").is_file():
+        return snapshot
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file() and all((snapshot / shard).is_file()
+                               for shard in json.loads(index.read_text())["weight_map"].values()):
+        return snapshot
+    return None
 
 
 if __name__ == "__main__":
