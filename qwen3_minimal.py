@@ -256,7 +256,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         input_dtype = x.dtype
         x = x.to(torch.float32)  # squares of bfloat16 values lose too much precision
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps), in one fused kernel
+        # (five operations fewer, four norms per block: it matters for one-token steps)
+        x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         # As in transformers: cast back first, then multiply by the scale in the model's dtype.
         # (The book's RMSNorm multiplies in float32 and casts after; in bfloat16 that rounds
         # differently, so its logits differ from the reference in the last bits.)
@@ -1310,8 +1312,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="weights' dtype (default: the checkpoint's, bfloat16); float32 is faster on CPUs "
-                             "without bfloat16 support")
+                        help="weights' dtype (default: the checkpoint's, bfloat16); float32 takes twice the "
+                             "memory (on CPUs without bfloat16 arithmetic, prompts already run in float32)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or 2048 per chat turn")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.6 to sample")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")

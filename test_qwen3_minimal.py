@@ -1,9 +1,11 @@
 """Tests for qwen3_minimal.py, in the file's order: device, tokenizer, model parts, model and
-configs, weights, generation, command line, and the chapter's snippets.
+configs, weights, generation, speed and memory, command line, the download appendix, and the
+chapter's and README's snippets.
 
 Nothing here touches the internet: checkpoints and tokenizers are small ones the tests write in
-the real file layouts, served by a real HTTP server on 127.0.0.1. Tests that compare against
-Hugging Face transformers (the reference implementation) skip where it is not installed.
+the real file layouts, served by a real HTTP server on 127.0.0.1. Tests that compare against an
+optional reference (transformers, the book's package, the real Qwen3 tokenizer) skip where it is
+not installed, except in CI, where conftest.py turns every skip into a failure.
 """
 import functools
 import importlib.util
@@ -106,6 +108,18 @@ def test_get_device_returns_the_best_device_and_says_which(capsys):
         assert device.type in ("xpu", "cpu")
     printed = capsys.readouterr().out
     assert printed.startswith("Using ") and {"cuda": "CUDA", "mps": "MPS", "xpu": "Intel", "cpu": "CPU"}[device.type] in printed
+
+
+def test_a_run_without_numpy_prints_no_warning(tmp_path):
+    """NumPy is not a dependency: torch's "Failed to initialize NumPy" warning must not greet a newcomer."""
+    script = ("import runpy, sys\n"
+              "sys.modules['numpy'] = None  # as in a fresh venv without NumPy\n"
+              f"sys.argv = ['qwen3_minimal.py', '--help']\n"
+              f"runpy.run_path({str(HERE / 'qwen3_minimal.py')!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout
+    assert result.stderr == ""
 
 
 # =============================================================================================
@@ -685,9 +699,9 @@ def compile_count():
     return counters["stats"]["unique_graphs"]
 
 
-def test_the_chapters_torch_compile_gives_the_eager_tokens_without_recompiling_per_token(monkeypatch):
+@torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)  # as the chapter sets it
+def test_the_chapters_torch_compile_gives_the_eager_tokens_without_recompiling_per_token():
     """Section 2.9, as the reader does it: the flag, torch.compile(model), both loops, three runs."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_unspec_int_on_nn_module", True)
     torch._dynamo.reset()
     model = peaked_model()
     token_ids = prompt_ids(length=6)
@@ -718,219 +732,8 @@ def test_the_chapters_torch_compile_gives_the_eager_tokens_without_recompiling_p
 
 
 # =============================================================================================
-# 5. Weights: download and load
+# 5. Weights: download, names, safetensors, loading
 # =============================================================================================
-
-class LocalHub:
-    """A real HTTP server on 127.0.0.1 in the hub's URL layout, /{repo_id}/resolve/{revision}/{file}.
-
-    Large files ("lfs") are answered as the hub does: a 302 to a storage URL carrying
-    X-Linked-Size and X-Linked-Etag (the sha256). GET honours Range requests. Faults can be
-    injected per file: "drop" (the connection closes halfway through the body, once), "500"
-    (one server error), "bad_sha" (a wrong X-Linked-Etag)."""
-
-    def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.files, self.lfs, self.faults, self.log, self.checksums = {}, set(), {}, [], {}
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                hub.log.append((self.path, self.headers.get("Range")))
-                storage = self.path.startswith("/storage/")
-                key = self.path[len("/storage/"):] if storage else re.sub(r"/resolve/[^/]+/", "/", self.path[1:])
-                if key not in hub.files:
-                    return self.send_error(404)
-                fault = hub.faults.get(key)
-                if fault == "500":
-                    del hub.faults[key]
-                    return self.send_error(500)
-                data = hub.files[key]
-                if isinstance(data, Path):  # large files are served from disk
-                    data = data.read_bytes()
-                if key in hub.lfs and not storage:
-                    sha = "0" * 64 if fault == "bad_sha" else hub.sha256(key, data)
-                    self.send_response(302)
-                    self.send_header("Location", f"/storage/{key}")
-                    self.send_header("X-Linked-Size", str(len(data)))
-                    self.send_header("X-Linked-Etag", f'"{sha}"')
-                    self.send_header("Content-Length", "0")
-                    return self.end_headers()
-                start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
-                if start >= len(data):
-                    return self.send_error(416)
-                body = data[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if fault == "drop":
-                    del hub.faults[key]
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def add(self, repo_id, name, data, lfs=False):
-        """data: bytes, or the Path of a file to serve."""
-        self.files[f"{repo_id}/{name}"] = data
-        if lfs:
-            self.lfs.add(f"{repo_id}/{name}")
-
-    def sha256(self, key, data):
-        import hashlib
-
-        if key not in self.checksums:
-            self.checksums[key] = hashlib.sha256(data).hexdigest()
-        return self.checksums[key]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    server = LocalHub()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-cache")
-    yield server
-    server.stop()
-
-
-def test_download_shows_progress_and_reuses_a_complete_file_offline(hub, tmp_path, capsys):
-    data = os.urandom(3 << 20)
-    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
-    hub.add(q.BOOK_REPO, "tokenizer-base.json", b"{}")
-    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
-    assert (tmp_path / "qwen3" / "qwen3-0.6B-base.pth").read_bytes() == data
-    out = capsys.readouterr().out
-    assert "qwen3-0.6B-base.pth: 100% (3 MiB / 3 MiB)" in out and "tokenizer-base.json: 100%" in out
-    hub.stop()  # offline from now on
-    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
-    out = capsys.readouterr().out
-    assert f"✓ {tmp_path / 'qwen3' / 'tokenizer-base.json'} already up-to-date" in out
-    assert "qwen3-0.6B-base.pth already up-to-date" in out
-
-
-def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identical(hub, tmp_path):
-    data = os.urandom(5 << 20)
-    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
-    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "drop"
-    path = q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
-    assert path.read_bytes() == data
-    ranges = [r for p, r in hub.log if p.startswith("/storage/")]
-    assert ranges[0] is None  # then the connection broke halfway; the second request resumes
-    assert 0 < int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1)) <= len(data) // 2
-    assert not list(tmp_path.glob("*.incomplete"))
-
-
-def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
-    data = os.urandom(1 << 20)
-    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
-    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(data)  # stopped before the rename
-    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).read_bytes() == data
-    assert hub.log[-1][1] == f"bytes={len(data)}-"  # answered 416: nothing left to send
-
-    (tmp_path / "qwen3-0.6B-base.pth").unlink()
-    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(os.urandom(1 << 20))  # same size, other bytes
-    with pytest.raises(q.DownloadError, match="corrupted"):
-        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_server_error_is_retried(hub, tmp_path):
-    hub.add("Qwen/Qwen3-0.6B", "config.json", b'{"a": 1}')
-    hub.faults["Qwen/Qwen3-0.6B/config.json"] = "500"
-    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path).read_bytes() == b'{"a": 1}'
-    assert len(hub.log) == 2
-
-
-def test_wrong_checksum_is_rejected_and_leaves_nothing_under_the_final_name(hub, tmp_path):
-    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(1 << 20), lfs=True)
-    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "bad_sha"
-    with pytest.raises(q.DownloadError, match="corrupted .* deleted: run again"):
-        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_missing_file_gives_a_clear_404_message(hub, tmp_path):
-    with pytest.raises(q.DownloadError, match="does not exist \\(404\\): check the repo id") as error:
-        q.download_file(q.hub_url("Qwen/Qwen3-0.6B-Typo", "config.json"), tmp_path)
-    assert error.value.status == 404
-
-
-def test_unreachable_server_says_offline_after_retries(tmp_path, monkeypatch):
-    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
-    with pytest.raises(q.DownloadError, match="cannot reach 127.0.0.1:9 .* are you offline"):
-        q.download_file("http://127.0.0.1:9/rasbt/x/resolve/main/f.pth", tmp_path, retries=2)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_certificate_trouble_says_what_to_do(hub, tmp_path):
-    url = q.hub_url("Qwen/Qwen3-0.6B", "config.json").replace("http://", "https://")  # TLS to a plain server
-    with pytest.raises(q.DownloadError, match="SSLError. A proxy, VPN or antivirus .* REQUESTS_CA_BUNDLE"):
-        q.download_file(url, tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_full_disk_says_so_and_keeps_the_partial_file_for_resuming(hub, tmp_path, monkeypatch):
-    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(3 << 20), lfs=True)
-
-    class FullDisk:
-        def __init__(self, path, mode):
-            self.file = open(path, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, chunk):
-            if self.file.tell() >= 1 << 20:
-                raise OSError(28, "No space left on device")
-            self.file.write(chunk)
-
-    monkeypatch.setattr(q, "open", FullDisk, raising=False)  # the module's open(), as the download uses it
-    with pytest.raises(q.DownloadError, match="the disk is full while writing .*incomplete: free some space"):
-        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth.incomplete"]
-    monkeypatch.delattr(q, "open")
-    hub.log.clear()
-    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).stat().st_size == 3 << 20
-    assert hub.log[-1][1] == "bytes=1048576-"  # resumed after the space was freed
-
-
-def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
-    seen = []
-    real_get = __import__("requests").get
-
-    def spy(url, headers=None, **kwargs):
-        seen.append((headers or {}).get("Authorization"))
-        return real_get(url, headers=headers, **kwargs)
-
-    monkeypatch.setattr("requests.get", spy)
-    monkeypatch.setenv("HF_TOKEN", "hf_secret123")
-    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
-    q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path)
-    assert seen == ["Bearer hf_secret123"]
-    with pytest.raises(q.DownloadError) as error:
-        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "nope.json"), tmp_path)
-    assert "hf_secret123" not in str(error.value) + capsys.readouterr().out
-
 
 def test_download_qwen3_small_rejects_an_unknown_kind():
     with pytest.raises(ValueError, match="kind must be 'base' or 'reasoning'"):
@@ -1171,6 +974,65 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     assert peak_growth("torch.float32") > 2.5 * size  # the measure sees copies: float32 doubles the bytes
 
 
+def test_load_qwen3_takes_a_device_and_a_dtype(tmp_path):
+    source = random_model(tiny_config(dtype=torch.bfloat16))
+    folder = write_official_checkpoint(tmp_path / "ckpt", source)
+    model = q.load_qwen3(folder, device="cpu", dtype=torch.float32)
+    assert model.tok_emb.weight.dtype == torch.float32 and model.tok_emb.weight.device.type == "cpu"
+    assert torch.equal(model.out_head.weight, source.out_head.weight.float())
+    assert not model.training
+
+
+def test_folders_that_are_not_checkpoints_are_refused_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no config.json: is it a Qwen3 checkpoint folder"):
+        q.load_qwen3(tmp_path / "empty")
+    folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor model.safetensors.index.json"):
+        q.load_qwen3(folder)
+
+
+def test_an_unknown_dtype_in_config_json_is_a_clear_error():
+    config = {"model_type": "qwen3", "torch_dtype": "bfloat17"}
+    with pytest.raises(ValueError, match="config.json names the dtype 'bfloat17', which is not a torch dtype"):
+        q.qwen3_config_from_hf(config)
+
+
+def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
+    source = random_model(tiny_config(tie_word_embeddings=True))
+    params = hf_state_dict(source)
+    params.pop("lm_head.weight", None)  # tied checkpoints may store the matrix once
+    model = q.Qwen3Model(tiny_config(tie_word_embeddings=True))
+    q.load_hf_weights_into_qwen(model, model.cfg, params)
+    assert torch.equal(logits_of(model), logits_of(source)) and model.head_is_tied
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    del params["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"):
+        q.load_hf_weights_into_qwen(model, model.cfg, params)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
+
+
+def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
+    source = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
+                                      hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True))
+    official = write_official_checkpoint(tmp_path / "src", source)
+    for name in ("config.json", "model.safetensors"):
+        hub.add("Qwen/Qwen3-0.6B", name, (official / name).read_bytes(), lfs=name.endswith(".safetensors"))
+    hub.add("Qwen/Qwen3-0.6B", "generation_config.json", b"{}")
+    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", b"{}")
+    folder = q.download_qwen3("Qwen/Qwen3-0.6B", tmp_path / "out", revision="v1.0")
+    assert all("/resolve/v1.0/" in path for path, _ in hub.log if not path.startswith("/storage/"))
+    assert torch.equal(logits_of(q.load_qwen3(folder)), logits_of(source))
+
+
+def test_a_safetensors_header_that_is_not_an_object_is_a_clear_error(tmp_path):
+    (tmp_path / "list.safetensors").write_bytes(_safetensors_bytes([1, 2], b""))
+    with pytest.raises(ValueError, match="list.safetensors is not a valid safetensors file: its header is a JSON "
+                                         "list, not an object of tensors"):
+        q.read_safetensors(tmp_path / "list.safetensors")
+
+
 # =============================================================================================
 # 6. Generation
 # =============================================================================================
@@ -1190,26 +1052,6 @@ def peaked_model(seed=0, dtype=torch.float32, **overrides):
 
 def prompt_ids(batch=1, length=7, seed=5):
     return torch.randint(0, 320, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def test_the_cache_path_feeds_one_token_per_step_into_one_preallocated_cache(monkeypatch):
-    model = peaked_model()
-    seen, caches = [], []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[1], kwargs.get("cache") is not None,
-                                                                         kwargs["last_only"])), with_kwargs=True)
-    class SpyCache(q.KVCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            caches.append(self)
-
-    monkeypatch.setattr(q, "KVCache", SpyCache)
-    q.generate_text_basic_cache(model, prompt_ids(length=7), 5)
-    assert seen == [(7, True, True)] + [(1, True, True)] * 4  # the prompt once, then one token a step
-    assert len(caches) == 1 and caches[0].max_len == 12 and model.current_pos == 11
-    assert caches[0].get(0)[0].shape[2] == 11 and caches[0]._buffers[0][0].shape[2] == 12  # allocated once
-    seen.clear()
-    q.generate_text_basic(model, prompt_ids(length=7), 3)
-    assert seen == [(7, False, True), (8, False, True), (9, False, True)]  # no cache: everything again
 
 
 def test_cached_forward_in_chunks_equals_one_full_forward():
@@ -1277,85 +1119,6 @@ def test_sample_next_token_keeps_only_the_allowed_tokens():
     assert draws == {0, 1}
     draws = {q.sample_next_token(logits, 1.0, top_p=0.85).item() for _ in range(300)}  # 0.5 + 0.3 < 0.85
     assert draws == {0, 1, 2}
-
-
-def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
-    model = peaked_model()
-    expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
-
-    def broken_compile(module, **options):
-        def run(*args, **kwargs):
-            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncc1plus: fatal error")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="torch.compile failed, running without it \\(RuntimeError: "
-                                         "InductorError: CppCompileError: C\\+\\+ compile error\\)") as warned:
-        tokens = q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True)
-    assert len(warned) == 1 and torch.equal(tokens, expected)
-    assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True), expected)
-    assert "compiled_forward" not in model.state_dict() and not any("compiled" in n for n, _ in model.named_modules())
-
-
-def test_stats_report_first_token_prefill_decode_bandwidth_and_peak_memory(capsys):
-    model = peaked_model(tie_word_embeddings=True)
-    timings = {}
-    start = time.perf_counter()
-    tokens = q.generate_text_basic_cache(model, prompt_ids(length=9), 10, timings=timings)
-    stats = q.speed_report(tokens, start, time.perf_counter(), timings, model)
-    assert timings["prompt_tokens"] == 9 and timings["new_tokens"] == 10
-    assert 0 < stats["time_to_first_token_s"] < stats["time_s"]
-    out = capsys.readouterr().out
-    assert re.search(r"time to first token: [\d.]+ s \(prefill: [\d.]+ tokens/s for 9 tokens\)", out)
-    assert re.search(r"^decode: [\d.]+ tokens/s$", out, re.M)
-    assert re.search(r"memory bandwidth: [\d.]+ GB/s \(0\.00 GB of weights read per token\)", out)
-    assert re.search(r"peak memory: [\d.]+ GB \((peak RSS of this process|CUDA max allocated)\)", out)
-    assert stats["decode_tokens_per_s"] == pytest.approx(9 / timings["decode_s"])
-
-
-def test_weight_bytes_per_token_counts_the_tied_head_once_and_skips_an_untied_embedding():
-    cfg = tiny_config()
-    per_block = 4 * (2 * 64 * 128 + 2 * 64 * 64) + 4 * 3 * 64 * 96 + 4 * (2 * 32 + 2 * 64)  # float32 bytes
-    tied, untied = q.Qwen3Model({**cfg, "tie_word_embeddings": True}), q.Qwen3Model(cfg)
-    head_and_norm = 4 * (320 * 64 + 64)
-    assert q.weight_bytes_per_token(tied) == 2 * per_block + head_and_norm
-    assert q.weight_bytes_per_token(untied) == 2 * per_block + head_and_norm  # the embedding lookup reads one row
-
-
-def test_int8_model_stays_close_to_bfloat16_and_reads_half_the_bytes():
-    model = random_model(tiny_config(vocab_size=2048, emb_dim=256, hidden_dim=768, head_dim=64, n_heads=8,
-                                     n_kv_groups=4, dtype=torch.bfloat16, tie_word_embeddings=True), seed=2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.mul_(0.2)  # the scale of trained weights relative to these widths
-    ids = torch.randint(0, 2048, (1, 40), generator=torch.Generator().manual_seed(0))
-    reference = logits_of_ids(model, ids)
-    bytes_before = q.weight_bytes_per_token(model)
-    q.quantize_int8(model)
-    assert isinstance(model.out_head, q.Int8Linear) and model.out_head.weight.dtype == torch.int8
-    assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays, apart from the head
-    assert isinstance(model.trf_blocks[0].att.q_norm, q.RMSNorm)
-    assert q.weight_bytes_per_token(model) < 0.55 * bytes_before
-    logits = logits_of_ids(model, ids)
-    # int8 rounding (1/254 of each row's largest weight) moves logits by about 1% of their spread:
-    error = (logits.float() - reference.float()).abs()
-    assert error.mean() < 0.02 * reference.float().std() and error.max() < 0.15 * reference.float().std()
-    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
-    decoded = q.generate_text_basic_cache(model, ids[:, :8], 6)  # the one-row kernel path
-    assert decoded.shape == (1, 6)
-
-
-def test_int8_linear_kernel_and_plain_paths_agree():
-    linear = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
-    int8 = q.Int8Linear(linear)
-    x = torch.randn(1, 6, 64, dtype=torch.bfloat16)
-    one_row_each = torch.cat([int8(x[:, i:i + 1]) for i in range(6)], dim=1)  # _weight_int8pack_mm
-    assert torch.allclose(one_row_each.float(), int8(x).float(), atol=0.02)  # dequantize-then-matmul
-    # Each weight is off by at most half a step of its row's scale (rounding to the nearest step).
-    dequantized = int8.weight.float() * int8.scales.float()[:, None]
-    row_error = (dequantized - linear.weight.float()).abs().amax(dim=1)
-    assert (row_error <= 0.5 * int8.scales.float() * (1 + 1e-3)).all()
 
 
 class StandIn:
@@ -1477,6 +1240,30 @@ def test_cached_uncached_and_plain_loops_give_the_same_tokens(dtype):
     assert torch.equal(q.generate_text_basic(plain, ids, 30), cached)
 
 
+# =============================================================================================
+# 7. Speed and memory, beyond the chapter
+# =============================================================================================
+
+def test_the_cache_path_feeds_one_token_per_step_into_one_preallocated_cache(monkeypatch):
+    model = peaked_model()
+    seen, caches = [], []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0].shape[1], kwargs.get("cache") is not None,
+                                                                         kwargs["last_only"])), with_kwargs=True)
+    class SpyCache(q.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    monkeypatch.setattr(q, "KVCache", SpyCache)
+    q.generate_text_basic_cache(model, prompt_ids(length=7), 5)
+    assert seen == [(7, True, True)] + [(1, True, True)] * 4  # the prompt once, then one token a step
+    assert len(caches) == 1 and caches[0].max_len == 12 and model.current_pos == 11
+    assert caches[0].get(0)[0].shape[2] == 11 and caches[0]._buffers[0][0].shape[2] == 12  # allocated once
+    seen.clear()
+    q.generate_text_basic(model, prompt_ids(length=7), 3)
+    assert seen == [(7, False, True), (8, False, True), (9, False, True)]  # no cache: everything again
+
+
 def test_bfloat16_arithmetic_is_read_from_the_cpu_flags():
     assert q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 avx512f avx512_bf16 amx_tile")
     assert q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 amx_bf16")
@@ -1544,6 +1331,24 @@ def test_the_kernel_switch_is_restored_after_an_error():
     assert torch.backends.mkldnn.enabled
 
 
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    model = peaked_model()
+    expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
+
+    def broken_compile(module, **options):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncc1plus: fatal error")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed, running without it \\(RuntimeError: "
+                                         "InductorError: CppCompileError: C\\+\\+ compile error\\)") as warned:
+        tokens = q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True)
+    assert len(warned) == 1 and torch.equal(tokens, expected)
+    assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 8, compile=True), expected)
+    assert "compiled_forward" not in model.state_dict() and not any("compiled" in n for n, _ in model.named_modules())
+
+
 def stepwise_logits(forward, model, token_ids, next_tokens):
     """Logits of every decode step when the tokens are given (teacher forcing): (steps, b, vocab)."""
     cache = q.KVCache(model.cfg["n_layers"])
@@ -1588,11 +1393,72 @@ def test_compiled_bfloat16_steps_match_eager_ones():
     torch._dynamo.reset()
 
 
+def test_stats_report_first_token_prefill_decode_bandwidth_and_peak_memory(capsys):
+    model = peaked_model(tie_word_embeddings=True)
+    timings = {}
+    start = time.perf_counter()
+    tokens = q.generate_text_basic_cache(model, prompt_ids(length=9), 10, timings=timings)
+    stats = q.speed_report(tokens, start, time.perf_counter(), timings, model)
+    assert timings["prompt_tokens"] == 9 and timings["new_tokens"] == 10
+    assert 0 < stats["time_to_first_token_s"] < stats["time_s"]
+    out = capsys.readouterr().out
+    assert re.search(r"time to first token: [\d.]+ s \(prefill: [\d.]+ tokens/s for 9 tokens\)", out)
+    assert re.search(r"^decode: [\d.]+ tokens/s$", out, re.M)
+    assert re.search(r"memory bandwidth: [\d.]+ GB/s \(0\.00 GB of weights read per token\)", out)
+    assert re.search(r"peak memory: [\d.]+ GB \((peak RSS of this process|CUDA max allocated)\)", out)
+    assert stats["decode_tokens_per_s"] == pytest.approx(9 / timings["decode_s"])
+
+
 def test_speed_report_without_timings_gives_time_and_rate_only(capsys):
     stats = q.speed_report(torch.zeros(1, 8, dtype=torch.long), 1.0, 3.0)
     assert stats["tokens_per_s"] == 4.0 and "decode_tokens_per_s" not in stats
     out = capsys.readouterr().out
     assert "Time: 2.00 sec" in out and "4.0 tokens/sec" in out and "decode" not in out
+
+
+def test_weight_bytes_per_token_counts_the_tied_head_once_and_skips_an_untied_embedding():
+    cfg = tiny_config()
+    per_block = 4 * (2 * 64 * 128 + 2 * 64 * 64) + 4 * 3 * 64 * 96 + 4 * (2 * 32 + 2 * 64)  # float32 bytes
+    tied, untied = q.Qwen3Model({**cfg, "tie_word_embeddings": True}), q.Qwen3Model(cfg)
+    head_and_norm = 4 * (320 * 64 + 64)
+    assert q.weight_bytes_per_token(tied) == 2 * per_block + head_and_norm
+    assert q.weight_bytes_per_token(untied) == 2 * per_block + head_and_norm  # the embedding lookup reads one row
+
+
+def test_int8_model_stays_close_to_bfloat16_and_reads_half_the_bytes():
+    model = random_model(tiny_config(vocab_size=2048, emb_dim=256, hidden_dim=768, head_dim=64, n_heads=8,
+                                     n_kv_groups=4, dtype=torch.bfloat16, tie_word_embeddings=True), seed=2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.mul_(0.2)  # the scale of trained weights relative to these widths
+    ids = torch.randint(0, 2048, (1, 40), generator=torch.Generator().manual_seed(0))
+    reference = logits_of_ids(model, ids)
+    bytes_before = q.weight_bytes_per_token(model)
+    q.quantize_int8(model)
+    assert isinstance(model.out_head, q.Int8Linear) and model.out_head.weight.dtype == torch.int8
+    assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays, apart from the head
+    assert isinstance(model.trf_blocks[0].att.q_norm, q.RMSNorm)
+    assert q.weight_bytes_per_token(model) < 0.55 * bytes_before
+    logits = logits_of_ids(model, ids)
+    # int8 rounding (1/254 of each row's largest weight) moves logits by about 1% of their spread:
+    error = (logits.float() - reference.float()).abs()
+    assert error.mean() < 0.02 * reference.float().std() and error.max() < 0.15 * reference.float().std()
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    decoded = q.generate_text_basic_cache(model, ids[:, :8], 6)  # the one-row kernel path
+    assert decoded.shape == (1, 6)
+
+
+def test_int8_linear_kernel_and_plain_paths_agree():
+    linear = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
+    int8 = q.Int8Linear(linear)
+    x = torch.randn(1, 6, 64, dtype=torch.bfloat16)
+    one_row_each = torch.cat([int8(x[:, i:i + 1]) for i in range(6)], dim=1)  # _weight_int8pack_mm
+    assert torch.allclose(one_row_each.float(), int8(x).float(), atol=0.02)  # dequantize-then-matmul
+    # Each weight is off by at most half a step of its row's scale (rounding to the nearest step).
+    dequantized = int8.weight.float() * int8.scales.float()[:, None]
+    row_error = (dequantized - linear.weight.float()).abs().amax(dim=1)
+    assert (row_error <= 0.5 * int8.scales.float() * (1 + 1e-3)).all()
 
 
 def test_int8_tokens_equal_those_of_the_dequantized_weights_in_bfloat16():
@@ -1628,7 +1494,7 @@ def logits_of_ids(model, ids):
 
 
 # =============================================================================================
-# 7. The command line
+# 8. The command line
 # =============================================================================================
 
 def run_cli(args, cwd, env_extra=None, stdin=None, timeout=300):
@@ -1754,8 +1620,406 @@ def test_chat_keeps_the_history_and_drops_old_thinking(tmp_path, monkeypatch, ca
     assert "[thinking]" in capsys.readouterr().out
 
 
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An official-layout folder with a tiny bfloat16 model, its tokenizer and generation config."""
+    model = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
+                                     hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True))
+    folder = write_official_checkpoint(tmp_path / "ckpt", model)
+    (folder / "tokenizer.json").write_text(qwen_style_tokenizer_json())
+    (folder / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
+    return folder
+
+
+@pytest.fixture
+def generation_spy(monkeypatch):
+    """Replaces the generation that main() calls; records the model and options, yields two tokens."""
+    calls = []
+
+    def spy(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+        calls.append({"model": model, "max_new_tokens": max_new_tokens, "seed": torch.initial_seed(), **options})
+        return iter([torch.tensor([[40]]), torch.tensor([[41]])])
+
+    monkeypatch.setattr(q, "generate_text_basic_stream_cache", spy)
+    return calls
+
+
+def test_sampling_flags_reach_the_generation(tiny_checkpoint, generation_spy, capsys):
+    q.main(["--model", str(tiny_checkpoint), "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9",
+            "--seed", "7", "--max-new-tokens", "9"])
+    call, = generation_spy
+    assert (call["temperature"], call["top_k"], call["top_p"], call["seed"], call["max_new_tokens"]) == \
+        (0.7, 5, 0.9, 7, 9)
+    assert call["compile"] is False and "Time:" in capsys.readouterr().out
+
+
+def test_dtype_int8_and_compile_flags_change_the_model_and_the_call(tiny_checkpoint, generation_spy):
+    q.main(["--model", str(tiny_checkpoint), "--dtype", "float32", "--compile"])
+    q.main(["--model", str(tiny_checkpoint), "--int8"])
+    plain, int8 = generation_spy
+    assert plain["model"].tok_emb.weight.dtype == torch.float32 and plain["compile"] is True
+    assert isinstance(plain["model"].out_head, q.Linear)
+    assert isinstance(int8["model"].out_head, q.Int8Linear) and int8["model"].tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_chat_runs_through_main_with_the_checkpoints_template(tiny_checkpoint, generation_spy, monkeypatch, capsys):
+    lines = iter(["Hi", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    q.main(["--model", str(tiny_checkpoint), "--chat", "--no-think"])
+    call, = generation_spy
+    assert call["max_new_tokens"] == 2048
+    out = capsys.readouterr().out
+    assert "Chat with Qwen3, thinking off" in out and "qwen> " in out
+
+
+def test_model_repo_ids_download_into_out_dir(hub, tiny_checkpoint, generation_spy, tmp_path):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        hub.add("Qwen/Qwen3-0.6B", name, (tiny_checkpoint / name).read_bytes(), lfs=name.endswith(".safetensors"))
+    q.main(["--model", "Qwen/Qwen3-0.6B", "--out-dir", str(tmp_path / "models")])
+    assert (tmp_path / "models" / "Qwen--Qwen3-0.6B" / "model.safetensors").is_file()
+    assert generation_spy[0]["model"].cfg["vocab_size"] == 151_936
+
+
+def test_download_and_disk_errors_exit_with_one_line(hub, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        q.main(["--model", "Qwen/Qwen3-NoSuchModel", "--out-dir", str(tmp_path)])
+    assert exit_.value.code == 1
+    assert re.fullmatch(r"\nerror: .*config.json does not exist \(404\): check the repo id.*\n", capsys.readouterr().err)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        q.main(["--out-dir", str(tmp_path / "a-file" / "qwen3")])  # a folder inside a file
+    assert exit_.value.code == 1 and "\nerror: " in capsys.readouterr().err
+
+
 # =============================================================================================
-# 8. The chapter's snippets and the README's, run as a reader runs them
+# 9. Appendix: downloading robustly
+# The test hub: a real HTTP server on 127.0.0.1 that answers as the Hugging Face hub does, with
+# switches for each fault a real network has.
+# =============================================================================================
+
+class LocalHub:
+    """A real HTTP server on 127.0.0.1 in the hub's URL layout, /{repo_id}/resolve/{revision}/{file}.
+
+    Large files ("lfs") are answered as the hub does: a 302 to a storage URL carrying
+    X-Linked-Size and X-Linked-Etag (the sha256). GET honours Range requests, and answers a range
+    past the end with 416 and "Content-Range: bytes */size". Faults can be injected per file:
+    "drop" (the connection closes halfway through the body, once), "500" (one server error),
+    "always_500", "401", "403", "410" (that status, always), "bad_sha" (a wrong X-Linked-Etag),
+    "no_sha" (no X-Linked-Etag), "bad_size" (an X-Linked-Size 1000 bytes too large), "no_range"
+    (Range ignored: always the whole file with 200), "bare_416" (416 without Content-Range)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.files, self.lfs, self.faults, self.log, self.checksums = {}, set(), {}, [], {}
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub.log.append((self.path, self.headers.get("Range")))
+                storage = self.path.startswith("/storage/")
+                key = self.path[len("/storage/"):] if storage else re.sub(r"/resolve/[^/]+/", "/", self.path[1:])
+                if key not in hub.files:
+                    return self.send_error(404)
+                fault = hub.faults.get(key)
+                if fault == "500":
+                    del hub.faults[key]
+                    return self.send_error(500)
+                if fault in ("always_500", "401", "403", "410"):
+                    return self.send_error(500 if fault == "always_500" else int(fault))
+                data = hub.files[key]
+                if isinstance(data, Path):  # large files are served from disk
+                    data = data.read_bytes()
+                if key in hub.lfs and not storage:
+                    sha = "0" * 64 if fault == "bad_sha" else hub.sha256(key, data)
+                    self.send_response(302)
+                    self.send_header("Location", f"/storage/{key}")
+                    self.send_header("X-Linked-Size", str(len(data) + (1000 if fault == "bad_size" else 0)))
+                    if fault != "no_sha":
+                        self.send_header("X-Linked-Etag", f'"{sha}"')
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                start = int(re.match(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers.get("Range") else 0
+                start = 0 if fault == "no_range" else start
+                if start >= len(data):
+                    self.send_response(416)
+                    if fault != "bare_416":
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                body = data[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "drop":
+                    del hub.faults[key]
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, repo_id, name, data, lfs=False):
+        """data: bytes, or the Path of a file to serve."""
+        self.files[f"{repo_id}/{name}"] = data
+        if lfs:
+            self.lfs.add(f"{repo_id}/{name}")
+
+    def sha256(self, key, data):
+        import hashlib
+
+        if key not in self.checksums:
+            self.checksums[key] = hashlib.sha256(data).hexdigest()
+        return self.checksums[key]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = LocalHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-cache")
+    monkeypatch.setattr(q, "BOOK_MIRROR", f"{server.url}/mirror")  # never the real mirror
+    yield server
+    server.stop()
+
+
+def test_download_shows_progress_and_reuses_a_complete_file_offline(hub, tmp_path, capsys):
+    data = os.urandom(3 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    hub.add(q.BOOK_REPO, "tokenizer-base.json", b"{}")
+    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
+    assert (tmp_path / "qwen3" / "qwen3-0.6B-base.pth").read_bytes() == data
+    out = capsys.readouterr().out
+    assert "qwen3-0.6B-base.pth: 100% (3 MiB / 3 MiB)" in out and "tokenizer-base.json: 100%" in out
+    hub.stop()  # offline from now on
+    q.download_qwen3_small(kind="base", out_dir=tmp_path / "qwen3")
+    out = capsys.readouterr().out
+    assert f"✓ {tmp_path / 'qwen3' / 'tokenizer-base.json'} already up-to-date" in out
+    assert "qwen3-0.6B-base.pth already up-to-date" in out
+
+
+def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identical(hub, tmp_path):
+    data = os.urandom(5 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "drop"
+    path = q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert path.read_bytes() == data
+    ranges = [r for p, r in hub.log if p.startswith("/storage/")]
+    assert ranges[0] is None  # then the connection broke halfway; the second request resumes
+    assert 0 < int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1)) <= len(data) // 2
+    assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
+    data = os.urandom(1 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(data)  # stopped before the rename
+    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).read_bytes() == data
+    assert hub.log[-1][1] == f"bytes={len(data)}-"  # answered 416: nothing left to send
+
+    (tmp_path / "qwen3-0.6B-base.pth").unlink()
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(os.urandom(1 << 20))  # same size, other bytes
+    with pytest.raises(q.DownloadError, match="corrupted"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_complete_partial_file_without_a_checksum_is_checked_against_the_416_size(hub, tmp_path):
+    data = os.urandom(1 << 20)
+    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)  # a small file: no sha256 from the server
+    (tmp_path / "tokenizer.json.incomplete").write_bytes(data + b"extra")  # longer than the file
+    with pytest.raises(q.DownloadError, match="more than the 1048576 expected; the file was deleted"):
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "tokenizer.json.incomplete").write_bytes(data)
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
+
+
+def test_a_partial_file_that_cannot_be_verified_is_downloaded_afresh(hub, tmp_path):
+    data = os.urandom(1 << 20)
+    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)
+    hub.faults["Qwen/Qwen3-0.6B/tokenizer.json"] = "bare_416"  # no size, no checksum: nothing to trust
+    (tmp_path / "tokenizer.json.incomplete").write_bytes(os.urandom(1 << 20))  # stale, same size
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
+    assert [r for _, r in hub.log] == [f"bytes={len(data)}-", None]  # asked to resume, then started over
+
+
+def test_a_server_that_ignores_range_requests_restarts_the_file_cleanly(hub, tmp_path):
+    data = os.urandom(2 << 20)
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "no_range"
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(data[:1000])
+    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).read_bytes() == data
+
+
+def test_server_error_is_retried(hub, tmp_path):
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b'{"a": 1}')
+    hub.faults["Qwen/Qwen3-0.6B/config.json"] = "500"
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path).read_bytes() == b'{"a": 1}'
+    assert len(hub.log) == 2
+
+
+@pytest.mark.parametrize("fault, message, status", [
+    ("401", "access to .* was denied \\(401\\): .* set HF_TOKEN", 401),
+    ("403", "access to .* was denied \\(403\\)", 403),
+    ("410", "answered HTTP 410", 410),
+    ("always_500", "kept failing \\(HTTP 500\\) for .* try again later", 500)])
+def test_http_errors_get_a_message_with_their_status(hub, tmp_path, monkeypatch, fault, message, status):
+    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
+    hub.faults["Qwen/Qwen3-0.6B/config.json"] = fault
+    with pytest.raises(q.DownloadError, match=message) as error:
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path, retries=2)
+    assert error.value.status == status and list(tmp_path.iterdir()) == []
+    assert len(hub.log) == (3 if fault == "always_500" else 1)  # only server errors are retried
+
+
+def test_wrong_checksum_is_rejected_and_leaves_nothing_under_the_final_name(hub, tmp_path):
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(1 << 20), lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "bad_sha"
+    with pytest.raises(q.DownloadError, match="corrupted .* deleted: run again"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_that_does_not_match_keeps_the_partial_file_for_resuming(hub, tmp_path):
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(1 << 20), lfs=True)
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = "bad_size"
+    with pytest.raises(q.DownloadError, match="gave 1048576 bytes, expected 1049576: run again to resume"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth.incomplete"]
+
+
+def test_missing_file_gives_a_clear_404_message(hub, tmp_path):
+    with pytest.raises(q.DownloadError, match="does not exist \\(404\\): check the repo id") as error:
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B-Typo", "config.json"), tmp_path)
+    assert error.value.status == 404
+
+
+def test_unreachable_server_says_offline_after_retries(tmp_path, monkeypatch):
+    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
+    with pytest.raises(q.DownloadError, match="cannot reach 127.0.0.1:9 .* are you offline"):
+        q.download_file("http://127.0.0.1:9/rasbt/x/resolve/main/f.pth", tmp_path, retries=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_certificate_trouble_says_what_to_do(hub, tmp_path):
+    url = q.hub_url("Qwen/Qwen3-0.6B", "config.json").replace("http://", "https://")  # TLS to a plain server
+    with pytest.raises(q.DownloadError, match="SSLError. A proxy, VPN or antivirus .* REQUESTS_CA_BUNDLE"):
+        q.download_file(url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_proxy_that_fails_says_what_to_do(hub, tmp_path, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
+    with pytest.raises(q.DownloadError, match="ProxyError. A proxy, VPN or antivirus .* HTTPS_PROXY"):
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path)
+
+
+def test_a_full_disk_says_so_and_keeps_the_partial_file_for_resuming(hub, tmp_path, monkeypatch):
+    hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", os.urandom(3 << 20), lfs=True)
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, chunk):
+            if self.file.tell() >= 1 << 20:
+                raise OSError(28, "No space left on device")
+            self.file.write(chunk)
+
+    monkeypatch.setattr(q, "open", FullDisk, raising=False)  # the module's open(), as the download uses it
+    with pytest.raises(q.DownloadError, match="the disk is full while writing .*incomplete: free some space"):
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth.incomplete"]
+    monkeypatch.delattr(q, "open")
+    hub.log.clear()
+    assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).stat().st_size == 3 << 20
+    assert hub.log[-1][1] == "bytes=1048576-"  # resumed after the space was freed
+
+
+def test_an_unwritable_folder_says_so(hub, tmp_path, monkeypatch):
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
+
+    def denied(path, mode):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(q, "open", denied, raising=False)
+    with pytest.raises(q.DownloadError, match="could not write .*config.json.incomplete .*Permission denied.* "
+                                              "check that .* is a writable folder"):
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path)
+
+
+def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
+    seen = []
+    real_get = __import__("requests").get
+
+    def spy(url, headers=None, **kwargs):
+        seen.append((headers or {}).get("Authorization"))
+        return real_get(url, headers=headers, **kwargs)
+
+    monkeypatch.setattr("requests.get", spy)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret123")
+    hub.add("Qwen/Qwen3-0.6B", "config.json", b"{}")
+    q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "config.json"), tmp_path)
+    assert seen == ["Bearer hf_secret123"]
+    with pytest.raises(q.DownloadError) as error:
+        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "nope.json"), tmp_path)
+    assert "hf_secret123" not in str(error.value) + capsys.readouterr().out
+
+
+def test_the_books_mirror_is_tried_when_the_hub_fails(hub, tmp_path, capsys):
+    hub.add("mirror", "tokenizer-base.json", b'{"from": "mirror"}')  # not on the hub: 404 there
+    q.download_qwen3_small(kind="base", tokenizer_only=True, out_dir=tmp_path)
+    assert (tmp_path / "tokenizer-base.json").read_bytes() == b'{"from": "mirror"}'
+    assert "Trying the backup URL" in capsys.readouterr().out
+    with pytest.raises(q.DownloadError, match="does not exist \\(404\\)"):  # both fail: the mirror's error
+        q.download_qwen3_small(kind="reasoning", tokenizer_only=True, out_dir=tmp_path)
+
+
+def test_the_hf_cache_lookup_needs_every_shard_and_follows_hf_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    snapshot = tmp_path / "hf" / "hub" / "models--Qwen--Qwen3-8B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"):
+        (snapshot / name).write_text("{}")
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert q.hf_cache_snapshot("Qwen/Qwen3-8B") is None  # a shard is missing: not complete
+    (snapshot / "model-00002-of-00002.safetensors").write_text("{}")
+    assert q.hf_cache_snapshot("Qwen/Qwen3-8B") == snapshot
+    assert q.hf_cache_snapshot("Qwen/Qwen3-8B", revision="v2") is None
+
+
+# =============================================================================================
+# 10. The chapter's snippets and the README's, run as a reader runs them
 # The real 0.6B weights cannot be downloaded here: random weights in the same file layout and
 # the same 0.6B shape stand in, served by the local hub.
 # =============================================================================================
@@ -1857,6 +2121,53 @@ def test_chapter_2_snippets_run_in_order(hub_06b, tmp_path, monkeypatch, capsys)
     assert output_tensor.dtype == torch.bfloat16
     assert out[-2] == f"tensor([{next_id.item()}])" and 0 <= next_id.item() < 151_936
 
+    # 2.7 The reader's own generation loop, timed with generate_stats
+    import time
+
+    from qwen3_minimal import KVCache, generate_stats
+
+    @torch.inference_mode()
+    def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None):
+        model.eval()
+        for _ in range(max_new_tokens):
+            out = model(token_ids)[:, -1]
+            next_token = torch.argmax(out, dim=-1, keepdim=True)
+            if eos_token_id is not None and torch.all(next_token == eos_token_id):
+                break
+            yield next_token
+            token_ids = torch.cat([token_ids, next_token], dim=1)
+
+    input_token_ids_tensor = torch.tensor(input_token_ids_list, device=device).unsqueeze(0)
+    start_time = time.time()
+    all_tokens = []
+    for token in generate_text_basic_stream(model=model, token_ids=input_token_ids_tensor, max_new_tokens=6,
+                                            eos_token_id=tokenizer.eos_token_id):
+        all_tokens.append(token)
+        print(tokenizer.decode(token.squeeze(0).tolist()), end="", flush=True)
+    end_time = time.time()
+    output_token_ids_tensor = torch.cat(all_tokens, dim=1)
+    generate_stats(output_token_ids_tensor, tokenizer, start_time, end_time)
+    out = capsys.readouterr().out
+    assert re.search(r"\n\nTime: \d+\.\d\d sec\n\d+ tokens/sec\n$", out)
+    assert out.startswith(tokenizer.decode(output_token_ids_tensor[0].tolist()))
+
+    # 2.8 The same with a KV cache: the reader's loop with the book's cache protocol
+    @torch.inference_mode()
+    def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None):
+        model.eval()
+        cache = KVCache(n_layers=model.cfg["n_layers"])
+        model.reset_kv_cache()
+        out = model(token_ids, cache=cache)[:, -1]
+        for _ in range(max_new_tokens):
+            next_token = torch.argmax(out, dim=-1, keepdim=True)
+            if eos_token_id is not None and torch.all(next_token == eos_token_id):
+                break
+            yield next_token
+            out = model(next_token, cache=cache)[:, -1]
+
+    cached = list(generate_text_basic_stream_cache(model, input_token_ids_tensor, 6, tokenizer.eos_token_id))
+    assert torch.equal(torch.cat(cached, dim=1), output_token_ids_tensor)
+
 
 def python_blocks(markdown):
     return re.findall(r"```python\n(.*?)```", markdown, re.S)
@@ -1864,12 +2175,45 @@ def python_blocks(markdown):
 
 def test_every_python_snippet_in_the_readme_runs_as_written(hub_06b, tmp_path):
     blocks = python_blocks((HERE / "README.md").read_text())
-    assert len(blocks) >= 3
+    assert len(blocks) == 4
     env = {"HF_ENDPOINT": hub_06b.url, "HF_HUB_CACHE": str(tmp_path / "no-cache"), "PYTHONPATH": str(HERE)}
+    outputs = []
     for block in blocks:
         result = run_cli(["-c", block], tmp_path, env)
         assert result.returncode == 0, f"{block}\n{result.stderr}"
-        assert result.stdout.strip()  # each snippet prints what it generated
+        outputs.append(result.stdout)
+
+    # What each prints is what the same calls generate here, from the files the snippets downloaded
+    # (the subprocesses take the default prompt path of this CPU, and so does this test).
+    q.FLOAT32_PROMPTS = not q.cpu_has_bfloat16_arithmetic()
+    folder = tmp_path / "qwen3"
+    tokenizer = q.Qwen3Tokenizer(folder / "tokenizer-base.json")
+    model = q.load_qwen3(folder / "qwen3-0.6B-base.pth")
+    ids = torch.tensor([tokenizer.encode("Explain large language models.")])
+    streamed = q.generate_text_basic_cache(model, ids, 40, eos_token_id=tokenizer.eos_token_id)
+    assert outputs[0].endswith(tokenizer.decode(streamed)) and "Using CPU" in outputs[0]
+    cache, generated = q.KVCache(n_layers=28), []
+    model.reset_kv_cache()
+    with torch.no_grad():
+        out = model(ids, cache=cache)[:, -1]
+        for _ in range(20):
+            generated.append(torch.argmax(out, dim=-1, keepdim=True))
+            out = model(generated[-1], cache=cache)[:, -1]
+    text = "".join(tokenizer.decode(token[0].tolist()) for token in generated)
+    assert outputs[1].endswith(f"{text}\n{ids.shape[1] + 20} positions in the cache\n")
+    chat = q.Qwen3Tokenizer(folder / "tokenizer-reasoning.json")
+    model = q.load_qwen3(folder / "qwen3-0.6B-reasoning.pth")
+    prompt = chat.apply_chat_template([{"role": "user", "content": "What is 17 * 23?"}], enable_thinking=False)
+    answer = q.generate_text_basic_cache(model, torch.tensor([chat.encode(prompt)]), 60, eos_token_id=chat.eos_token_ids)
+    assert outputs[2].endswith(chat.decode(answer) + "\n")
+    official = q.quantize_int8(q.load_qwen3(folder / "Qwen--Qwen3-0.6B"))
+    official_tokenizer = q.Qwen3Tokenizer(folder / "Qwen--Qwen3-0.6B" / "tokenizer.json")
+    torch.manual_seed(0)
+    prompt = official_tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}])
+    tokens = q.generate_text_basic_cache(official, torch.tensor([official_tokenizer.encode(prompt)]), 30,
+                                         eos_token_id=official_tokenizer.eos_token_ids, temperature=0.6, top_k=20,
+                                         top_p=0.95)
+    assert outputs[3].endswith(official_tokenizer.decode(tokens) + "\n")
 
 
 def test_readme_commands_match_ci_and_the_script_metadata():

@@ -1,0 +1,199 @@
+"""Benchmark qwen3_minimal.py beside transformers, the book's package and llama.cpp, in one run.
+
+Every implementation gets the Qwen3-0.6B shape with the same random weights, a 128-token prompt
+and 64 greedy new tokens, through its own generation function:
+  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8, compiled)
+  transformers  Qwen3ForCausalLM.generate(do_sample=False)      where transformers is installed
+  book          reasoning_from_scratch.ch02.generate_text_basic_cache   where it is installed
+  llama.cpp     the figures of a llama-bench run on the same work, read from a file (--llama-bench)
+
+Prefill is the prompt's tokens divided by the time of the first forward pass; decode is the
+number of later forward passes divided by their time. The memory roofline is the fastest a
+decode step can be: bytes of weights read per token / the read bandwidth measured here.
+
+    OMP_NUM_THREADS=2 python bench.py                       # about 5 minutes on 2 cores
+    OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
+    python bench.py --smoke                                 # a tiny shape, seconds: checks the script
+
+llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
+`llama-bench -m qwen3-0.6B-bf16.gguf,qwen3-0.6B-q8_0.gguf -p 128 -n 64 -t 2`.
+Compare rows of one run only: shared machines are noisy.
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+import qwen3_minimal as q
+
+PROMPT_TOKENS, NEW_TOKENS = 128, 64
+
+
+def cpu_name():
+    try:
+        return re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
+def read_bandwidth_gb_s(gigabytes=1.0):
+    """Read bandwidth of this machine's memory, as PyTorch's threads see it: the best of a few
+    sums over a buffer far larger than any cache."""
+    data = torch.ones(int(gigabytes * 2**30) // 4)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def timed(module, generate):
+    """Run generate() with hooks that note when each forward pass of `module` ends; return
+    (prefill tokens/s, decode tokens/s, new tokens)."""
+    ends = []
+    handle = module.register_forward_hook(lambda *args: ends.append(time.perf_counter()))
+    try:
+        start = time.perf_counter()
+        tokens = generate()
+    finally:
+        handle.remove()
+    return PROMPT_TOKENS / (ends[0] - start), (len(ends) - 1) / (ends[-1] - ends[0]), tokens.reshape(-1)[-NEW_TOKENS:]
+
+
+def ours_row(model, ids, compile=False):
+    """Ours, timed by the loop itself (hooks inside a compiled model would break its graph)."""
+    timings = {}
+    tokens = q.generate_text_basic_cache(model, ids, NEW_TOKENS, compile=compile, timings=timings)
+    return PROMPT_TOKENS / timings["prefill_s"], (timings["new_tokens"] - 1) / timings["decode_s"], tokens.reshape(-1)
+
+
+def transformers_row(state, cfg, ids):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["emb_dim"], intermediate_size=cfg["hidden_dim"],
+                         num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
+                         num_key_value_heads=cfg["n_kv_groups"], head_dim=cfg["head_dim"],
+                         max_position_embeddings=cfg["context_length"], tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_base"]})
+    model = Qwen3ForCausalLM._from_config(config, dtype=cfg["dtype"]).eval()
+    book_to_hf = {q.hf_to_book_name(name): name for name in model.state_dict()}
+    model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()}, strict=False)
+
+    def generate():
+        with torch.inference_mode():
+            return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+    return timed(model, generate)
+
+
+def book_row(state, cfg, ids):
+    from reasoning_from_scratch import ch02, qwen3
+
+    model = qwen3.Qwen3Model(cfg).eval()
+    model.load_state_dict(state)
+    return timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
+
+
+def read_llama_bench(path):
+    """llama-bench's figures as rows {name, prefill, decode}: its markdown table or its JSON."""
+    text = Path(path).read_text()
+    results = {}
+    if text.lstrip().startswith("["):
+        for entry in json.loads(text):
+            kind = "prefill" if entry["n_prompt"] and not entry["n_gen"] else "decode"
+            results.setdefault(entry["model_type"], {})[kind] = entry["avg_ts"]
+    else:
+        for line in text.splitlines():
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if len(cells) >= 3 and re.fullmatch(r"(pp|tg)\d+", cells[-2]):
+                kind = "prefill" if cells[-2].startswith("pp") else "decode"
+                results.setdefault(cells[0], {})[kind] = float(cells[-1].split("±")[0])
+    return [{"name": f"llama.cpp {model}", "prefill": figures.get("prefill"), "decode": figures.get("decode")}
+            for model, figures in results.items()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-bench", help="a file with llama-bench's output on the same work")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all)")
+    parser.add_argument("--compile", action="store_true", help="add a row for ours with torch.compile")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = dict(q.QWEN_CONFIG_06_B)
+    if args.smoke:
+        cfg.update(vocab_size=4096, emb_dim=128, n_heads=4, n_kv_groups=2, head_dim=32, hidden_dim=256, n_layers=2,
+                   context_length=512)
+    torch.manual_seed(0)
+    model = q.Qwen3Model(cfg).eval()  # random weights; the same for every row below
+    ids = torch.randint(0, cfg["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(7))
+    bandwidth = read_bandwidth_gb_s(0.25 if args.smoke else 1.0)
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}, bfloat16 arithmetic "
+          f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")
+    print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+
+    rows = []
+
+    def add(name, dtype_model, result, weights_model=None):
+        prefill, decode, tokens = result
+        per_token = q.weight_bytes_per_token(weights_model or dtype_model)
+        rows.append({"name": name, "prefill": prefill, "decode": decode, "tokens": tokens.tolist(),
+                     "roofline": bandwidth * 1e9 / per_token})
+        print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s", flush=True)
+
+    add("ours bfloat16", model, ours_row(model, ids))
+    model32 = copy.deepcopy(model).float()
+    model32.cfg = {**cfg, "dtype": torch.float32}
+    add("ours float32", model32, ours_row(model32, ids))
+    del model32
+    int8 = q.quantize_int8(copy.deepcopy(model))
+    add("ours int8", int8, ours_row(int8, ids))
+    del int8
+    if args.compile:
+        compiled = copy.deepcopy(model)
+        ours_row(compiled, ids, compile=True)  # the first run compiles
+        add("ours bfloat16 compiled", compiled, ours_row(compiled, ids, compile=True))
+        del compiled
+    state = model.state_dict()
+    if importlib.util.find_spec("transformers"):
+        add("transformers bfloat16", model, transformers_row(state, cfg, ids))
+    if importlib.util.find_spec("reasoning_from_scratch"):
+        add("book package bfloat16", model, book_row(state, cfg, ids))
+    llama = read_llama_bench(args.llama_bench) if args.llama_bench else []
+
+    reference = next((row for row in llama if "BF16" in row["name"].upper()), None)
+    q8 = next((row for row in llama if "Q8_0" in row["name"].upper()), None)
+    print(f"\n{'':30} {'prefill':>8} {'decode':>7} {'roof%':>6} {'pf/llama':>9} {'dec/llama':>10} {'same tokens':>12}")
+    for row in rows + llama:
+        ratios = ["", ""]
+        against = q8 if "int8" in row["name"] else reference  # int8 is compared with llama.cpp's Q8_0
+        if against and row in rows:
+            ratios = [f"{row['prefill'] / against['prefill']:.2f}", f"{row['decode'] / against['decode']:.2f}"]
+        same = (f"{sum(a == b for a, b in zip(row['tokens'], rows[0]['tokens']))}/{NEW_TOKENS}"
+                if "tokens" in row else "")
+        roof = f"{100 * row['decode'] / row['roofline']:.0f}" if "roofline" in row else ""
+        prefill = f"{row['prefill']:.1f}" if row.get("prefill") else "-"
+        decode = f"{row['decode']:.2f}" if row.get("decode") else "-"
+        print(f"{row['name']:30} {prefill:>8} {decode:>7} {roof:>6} {ratios[0]:>9} {ratios[1]:>10} {same:>12}")
+    print(f"(pf and dec /llama: ratios to llama.cpp BF16, for int8 to Q8_0; roofline of ours bfloat16: "
+          f"{rows[0]['roofline']:.1f} tokens/s)")
+    if args.json:
+        info = {"cpu": cpu_name(), "capability": capability, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
+                "date": time.strftime("%Y-%m-%d")}
+        Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
