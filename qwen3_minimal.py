@@ -1100,14 +1100,18 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     prompt_len = token_ids.shape[1]
     weights_dtype = model.tok_emb.weight.dtype
     forward = compile_model(model) if compile else model
-    # Allocated once, for every position this generation can reach
-    cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
+    # Allocated once, for every position this generation can reach (rounded up to a multiple of 256,
+    # so that generations of similar lengths give the compiler the same shapes)
+    max_len = -(-(prompt_len + max_new_tokens) // 256) * 256
+    cache = KVCache(model.cfg["n_layers"], max_len=max_len) if use_cache else None
     model.reset_kv_cache()
     start = time.perf_counter()
 
     # Only the last position's scores pick the next token, so the model computes the output head
-    # for that position alone (last_only): for 0.6B the head is a quarter of all weights.
-    logits = forward(token_ids, cache=cache, last_only=True)[:, -1]       # (b, vocab_size)
+    # for that position alone (last_only): for 0.6B the head is a quarter of all weights. The prompt
+    # runs eagerly even with compile: its big matrix products gain little from compiling, and
+    # the compiler then sees one kind of step with the cache already allocated.
+    logits = model(token_ids, cache=cache, last_only=True)[:, -1]         # (b, vocab_size)
     for step in range(max_new_tokens):
         next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
         if timings is not None:
@@ -1161,9 +1165,7 @@ def compile_model(model):
     failure comes while compiling, before the step runs, so the KV cache is still as it was.
     """
     if "compiled_forward" not in model.__dict__:
-        # dynamic=True: one graph for every prompt length and cache position (two in all, the
-        # prompt's and the one-token step's), instead of a recompilation each time they change
-        compiled = torch.compile(model, dynamic=True)
+        compiled = torch.compile(model)
 
         def compiled_forward(in_idx, cache=None, last_only=False):
             nonlocal compiled
