@@ -316,7 +316,9 @@ class KVCache:
     Beyond the book: with this class the new entries are written by index into buffers that are
     allocated once (the same idea as gpt-fast's static cache), instead of copying every cached
     key into a longer tensor each step. Give max_len, the most positions a generation needs, to
-    allocate them all at the first write; without it the buffers grow 256 positions at a time.
+    allocate them all at the first write; without it the buffers grow as needed. Sizes are rounded
+    up to a multiple of 256 positions: few reallocations (each one copies), and generations of
+    similar lengths give torch.compile the same shapes.
     """
 
     def __init__(self, n_layers, max_len=None):
@@ -347,9 +349,7 @@ class KVCache:
             raise ValueError(f"the KV cache is empty but the model stands at position {start_pos}: begin each "
                              f"new sequence with model.reset_kv_cache()")
         if buffers is None or buffers[0].shape[2] < end or buffers[0].shape[:2] != keys.shape[:2]:
-            capacity = max(end, self.max_len or 0)
-            if self.max_len is None:
-                capacity = -(-capacity // 256) * 256  # round up: few reallocations, each one copies
+            capacity = -(-max(end, self.max_len or 0) // 256) * 256  # rounded up to a multiple of 256
             # Left uninitialised: attention only ever reads positions that were written before.
             new_buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
             if start_pos > 0:
@@ -1100,10 +1100,8 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     prompt_len = token_ids.shape[1]
     weights_dtype = model.tok_emb.weight.dtype
     forward = compile_model(model) if compile else model
-    # Allocated once, for every position this generation can reach (rounded up to a multiple of 256,
-    # so that generations of similar lengths give the compiler the same shapes)
-    max_len = -(-(prompt_len + max_new_tokens) // 256) * 256
-    cache = KVCache(model.cfg["n_layers"], max_len=max_len) if use_cache else None
+    # Allocated once, for every position this generation can reach
+    cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
     model.reset_kv_cache()
     start = time.perf_counter()
 

@@ -1251,7 +1251,7 @@ def test_the_cache_path_feeds_one_token_per_step_into_one_preallocated_cache(mon
     monkeypatch.setattr(q, "KVCache", SpyCache)
     q.generate_text_basic_cache(model, prompt_ids(length=7), 5)
     assert seen == [(7, True, True)] + [(1, True, True)] * 4  # the prompt once, then one token a step
-    assert len(caches) == 1 and caches[0].max_len == 256 and model.current_pos == 11
+    assert len(caches) == 1 and caches[0].max_len == 12 and model.current_pos == 11
     assert caches[0].get(0)[0].shape[2] == 11 and caches[0]._buffers[0][0].shape[2] == 256  # allocated once
     seen.clear()
     q.generate_text_basic(model, prompt_ids(length=7), 3)
