@@ -14,6 +14,7 @@ decode step can be: bytes of weights read per token / the read bandwidth measure
     OMP_NUM_THREADS=2 python bench.py                       # about 5 minutes on 2 cores
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
+    python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
 
 llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
 `llama-bench -m qwen3-0.6B-bf16.gguf,qwen3-0.6B-q8_0.gguf -p 128 -n 64 -t 2`.
@@ -42,14 +43,20 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def read_bandwidth_gb_s(gigabytes=1.0):
-    """Read bandwidth of this machine's memory, as PyTorch's threads see it: the best of a few
-    sums over a buffer far larger than any cache."""
-    data = torch.ones(int(gigabytes * 2**30) // 4)
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def read_bandwidth_gb_s(device, gigabytes=1.0):
+    """Read bandwidth of the device's memory, as PyTorch sees it: the best of a few sums over a
+    buffer far larger than any cache."""
+    data = torch.ones(int(gigabytes * 2**30) // 4, device=device)
     best = float("inf")
     for _ in range(5):
+        q._synchronize(device)
         start = time.perf_counter()
         data.sum()
+        q._synchronize(device)
         best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best / 1e9
 
@@ -58,7 +65,13 @@ def timed(module, generate):
     """Run generate() with hooks that note when each forward pass of `module` ends; return
     (prefill tokens/s, decode tokens/s, new tokens)."""
     ends = []
-    handle = module.register_forward_hook(lambda *args: ends.append(time.perf_counter()))
+    device = next(module.parameters()).device
+
+    def note_end(*args):
+        q._synchronize(device)  # a GPU's work ends later than the call that queued it
+        ends.append(time.perf_counter())
+
+    handle = module.register_forward_hook(note_end)
     try:
         start = time.perf_counter()
         tokens = generate()
@@ -82,7 +95,7 @@ def transformers_row(state, cfg, ids):
                          num_key_value_heads=cfg["n_kv_groups"], head_dim=cfg["head_dim"],
                          max_position_embeddings=cfg["context_length"], tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_base"]})
-    model = Qwen3ForCausalLM._from_config(config, dtype=cfg["dtype"]).eval()
+    model = Qwen3ForCausalLM._from_config(config, dtype=cfg["dtype"]).to(ids.device).eval()
     book_to_hf = {q.hf_to_book_name(name): name for name in model.state_dict()}
     model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()}, strict=False)
 
@@ -93,12 +106,18 @@ def transformers_row(state, cfg, ids):
     return timed(model, generate)
 
 
-def book_row(state, cfg, ids):
+def book_row(state, cfg, ids, compile=False):
+    """The book's model and loop; compiled as chapter 2.9 does it (the first run compiles)."""
     from reasoning_from_scratch import ch02, qwen3
 
-    model = qwen3.Qwen3Model(cfg).eval()
+    model = qwen3.Qwen3Model(cfg).to(ids.device).eval()
     model.load_state_dict(state)
-    return timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
+    if not compile:
+        return timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    compiled = torch.compile(model)
+    ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS)
+    return timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))  # hooks outside the graph
 
 
 def read_llama_bench(path):
@@ -126,6 +145,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all)")
     parser.add_argument("--compile", action="store_true", help="add a row for ours with torch.compile")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,14 +155,20 @@ def main():
         cfg.update(vocab_size=4096, emb_dim=128, n_heads=4, n_kv_groups=2, head_dim=32, hidden_dim=256, n_layers=2,
                    context_length=512)
     torch.manual_seed(0)
-    model = q.Qwen3Model(cfg).eval()  # random weights; the same for every row below
+    device = torch.device(args.device)
+    model = q.Qwen3Model(cfg).to(device).eval()  # random weights; the same for every row below
     ids = torch.randint(0, cfg["vocab_size"], (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(7))
-    bandwidth = read_bandwidth_gb_s(0.25 if args.smoke else 1.0)
+    ids = ids.to(device)
+    bandwidth = read_bandwidth_gb_s(device, 0.25 if args.smoke else 1.0)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}, bfloat16 arithmetic "
           f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")
+    if device.type != "cpu":
+        print(f"device: {device_name(device)}")
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
 
+    if device.type != "cpu":  # the first run on a GPU loads its kernels: keep that out of the rows
+        q.generate_text_basic_cache(model, ids, 4)
     rows = []
 
     def add(name, dtype_model, result, weights_model=None):
@@ -170,6 +196,8 @@ def main():
         add("transformers bfloat16", model, transformers_row(state, cfg, ids))
     if importlib.util.find_spec("reasoning_from_scratch"):
         add("book package bfloat16", model, book_row(state, cfg, ids))
+        if args.compile:
+            add("book package compiled", model, book_row(state, cfg, ids, compile=True))
     llama = read_llama_bench(args.llama_bench) if args.llama_bench else []
 
     reference = next((row for row in llama if "BF16" in row["name"].upper()), None)
@@ -189,7 +217,7 @@ def main():
     print(f"(pf and dec /llama: ratios to llama.cpp BF16, for int8 to Q8_0; roofline of ours bfloat16: "
           f"{rows[0]['roofline']:.1f} tokens/s)")
     if args.json:
-        info = {"cpu": cpu_name(), "capability": capability, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
+        info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
                 "date": time.strftime("%Y-%m-%d")}
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))

@@ -1109,7 +1109,8 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     # for that position alone (last_only): for 0.6B the head is a quarter of all weights. The prompt
     # runs eagerly even with compile: its big matrix products gain little from compiling, and
     # the compiler then sees one kind of step with the cache already allocated.
-    logits = model(token_ids, cache=cache, last_only=True)[:, -1]         # (b, vocab_size)
+    with fastest_kernels(prompt_len, weights_dtype):
+        logits = model(token_ids, cache=cache, last_only=True)[:, -1]     # (b, vocab_size)
     for step in range(max_new_tokens):
         next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
         if timings is not None:
@@ -1123,29 +1124,37 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody asks for
         if use_cache:  # the new token alone: everything before it is in the cache
-            with matrix_vector_kernels(weights_dtype):
+            with fastest_kernels(1, weights_dtype):
                 logits = forward(next_token, cache=cache, last_only=True)[:, -1]
         else:          # the whole sequence again, as in figure 2.10
             token_ids = torch.cat([token_ids, next_token], dim=1)
-            logits = forward(token_ids, last_only=True)[:, -1]
+            with fastest_kernels(token_ids.shape[1], weights_dtype):
+                logits = forward(token_ids, last_only=True)[:, -1]
 
 
 @contextlib.contextmanager
-def matrix_vector_kernels(dtype):
-    """Run one-token steps of a bfloat16 model on PyTorch's own CPU kernels, not oneDNN's.
+def fastest_kernels(new_tokens, dtype):
+    """Choose PyTorch's kernels for one forward pass of `new_tokens` tokens; restore the choice after.
 
-    oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many CPU
-    operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one vector
-    PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic, and as
-    fast elsewhere (the README's "Performance" section has the figures). So oneDNN is switched
-    off for these steps only; prompts keep it. GPUs are not affected.
+    CPU: oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many
+    CPU operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one
+    vector PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic,
+    and as fast elsewhere (the README's "Performance" section has the figures). So oneDNN is
+    switched off for one-token steps of bfloat16 weights; prompts keep it.
+
+    GPU: PyTorch prefers cuDNN's attention kernel on some GPUs (Hopper: H100, H200), and cuDNN
+    builds a plan for every new sequence length before it runs, which takes far longer than the
+    attention itself. Generation meets a new length at every step, so cuDNN's kernel is left out
+    and scaled_dot_product_attention takes its next choice (FlashAttention).
     """
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled and dtype != torch.bfloat16
+    onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.mkldnn.enabled = onednn and not (new_tokens == 1 and dtype == torch.bfloat16)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = enabled
+        torch.backends.mkldnn.enabled = onednn
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
 def _synchronize(device):

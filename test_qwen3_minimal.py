@@ -1306,23 +1306,32 @@ def test_float32_prompts_are_not_used_while_training(monkeypatch):
 @pytest.mark.parametrize("dtype, onednn_in_steps", [(torch.bfloat16, False), (torch.float32, True)])
 def test_bfloat16_one_token_steps_run_without_onednn_and_give_the_same_tokens(dtype, onednn_in_steps, monkeypatch):
     model = peaked_model(dtype=dtype)
-    onednn_during_forward = []
-    hook = model.register_forward_pre_hook(lambda m, args: onednn_during_forward.append(torch.backends.mkldnn.enabled))
-    assert torch.backends.mkldnn.enabled
+    switches = []  # (oneDNN, cuDNN attention) during each forward pass
+    hook = model.register_forward_pre_hook(lambda m, args: switches.append(
+        (torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled())))
+    assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
     switched = q.generate_text_basic_cache(model, prompt_ids(), 12)
-    assert onednn_during_forward == [True] + [onednn_in_steps] * 11  # the prompt always keeps it
-    assert torch.backends.mkldnn.enabled
+    assert switches == [(True, False)] + [(onednn_in_steps, False)] * 11  # the prompt always keeps oneDNN
+    assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
     hook.remove()
-    monkeypatch.setattr(q, "matrix_vector_kernels", lambda dtype: contextlib.nullcontext())
+    monkeypatch.setattr(q, "fastest_kernels", lambda new_tokens, dtype: contextlib.nullcontext())
     assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 12), switched)  # oneDNN all along
+
+
+def test_cudnn_attention_is_left_out_for_every_step_without_the_cache():
+    model = peaked_model()
+    cudnn_attention = []
+    model.register_forward_pre_hook(lambda m, args: cudnn_attention.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    q.generate_text_basic(model, prompt_ids(), 4)
+    assert cudnn_attention == [False] * 4 and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_the_kernel_switch_is_restored_after_an_error():
     with pytest.raises(RuntimeError, match="boom"):
-        with q.matrix_vector_kernels(torch.bfloat16):
-            assert not torch.backends.mkldnn.enabled
+        with q.fastest_kernels(1, torch.bfloat16):
+            assert not torch.backends.mkldnn.enabled and not torch.backends.cuda.cudnn_sdp_enabled()
             raise RuntimeError("boom")
-    assert torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
