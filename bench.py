@@ -178,12 +178,12 @@ def main():
                      "roofline": bandwidth * 1e9 / per_token})
         print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s", flush=True)
 
-    add("ours bfloat16", model, ours_row(model, ids))
     model32 = copy.deepcopy(model).float()
     model32.cfg = {**cfg, "dtype": torch.float32}
+    int8 = q.quantize_int8(copy.deepcopy(model))
+    add("ours bfloat16", model, ours_row(model, ids))  # (lays out its weights as arrange_weights says)
     add("ours float32", model32, ours_row(model32, ids))
     del model32
-    int8 = q.quantize_int8(copy.deepcopy(model))
     add("ours int8", int8, ours_row(int8, ids))
     del int8
     if args.compile:

@@ -1079,6 +1079,30 @@ def cpu_has_bfloat16_arithmetic(cpuinfo=None):
 # to prove the plain bfloat16 path against transformers on every CPU.
 FLOAT32_PROMPTS = not cpu_has_bfloat16_arithmetic()
 
+# The weights' layout in memory. nn.Linear stores a weight as (out_features, in_features), the
+# weights of one output after another: "output-major". A decode step multiplies each weight matrix
+# by one vector. On AVX-512 CPUs without bfloat16 arithmetic, oneDNN (see fastest_kernels) does
+# that about 20% faster for the same matrix stored the other way round, the weights of one input
+# after another: "input-major", the memory of weight.t().contiguous(). The tensor keeps its shape
+# (out_features, in_features) and its values; only its strides change, so the chapter's code,
+# state dicts and everything else see the same weights. On CPUs with bfloat16 arithmetic, PyTorch's
+# own kernel is faster still but needs output-major weights; on AVX2 CPUs oneDNN has no bfloat16
+# kernels at all: both keep the layout they were given.
+INPUT_MAJOR_WEIGHTS = (FLOAT32_PROMPTS and torch.backends.mkldnn.is_available()
+                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def arrange_weights(model):
+    """Store the model's bfloat16 Linear weights on the CPU input-major where INPUT_MAJOR_WEIGHTS
+    says that pays. Values, shapes and the tied head stay as they were; a second call does nothing."""
+    if not INPUT_MAJOR_WEIGHTS:
+        return
+    for module in model.modules():
+        weight = module.weight if isinstance(module, nn.Linear) else None  # a tied head is the embedding's
+        if weight is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" \
+                and weight.stride(1) == 1:  # output-major: one row of in_features after another
+            weight.data = weight.data.t().contiguous().t()  # still (out, in): now one column after another
+
 
 @torch.inference_mode()
 def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cache=True, temperature=0.0,
@@ -1099,6 +1123,7 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     model.eval()
     prompt_len = token_ids.shape[1]
     weights_dtype = model.tok_emb.weight.dtype
+    arrange_weights(model)  # before compiling: the compiled code is specialised to the layout
     forward = compile_model(model) if compile else model
     # Allocated once, for every position this generation can reach
     cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
@@ -1138,9 +1163,10 @@ def fastest_kernels(new_tokens, dtype):
 
     CPU: oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many
     CPU operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one
-    vector PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic,
-    and as fast elsewhere (the README's "Performance" section has the figures). So oneDNN is
-    switched off for one-token steps of bfloat16 weights; prompts keep it.
+    vector PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic
+    (the README's "Performance" section has the figures). So oneDNN is switched off for one-token
+    steps of bfloat16 weights, except where the weights are input-major for it (INPUT_MAJOR_WEIGHTS).
+    Prompts keep it.
 
     GPU: PyTorch prefers cuDNN's attention kernel on some GPUs (Hopper: H100, H200), and cuDNN
     builds a plan for every new sequence length before it runs, which takes far longer than the
@@ -1148,7 +1174,7 @@ def fastest_kernels(new_tokens, dtype):
     and scaled_dot_product_attention takes its next choice (FlashAttention).
     """
     onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.mkldnn.enabled = onednn and not (new_tokens == 1 and dtype == torch.bfloat16)
+    torch.backends.mkldnn.enabled = onednn and (INPUT_MAJOR_WEIGHTS or new_tokens > 1 or dtype != torch.bfloat16)
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         yield
@@ -1255,7 +1281,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        weight = linear.weight.detach().float()
+        weight = linear.weight.detach().float().contiguous()  # output-major, whatever arrange_weights did
         # round the scales to the weights' dtype first, then quantize with the scales in use
         scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(linear.weight.dtype)  # (out_features,)
         self.register_buffer("weight", torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8))

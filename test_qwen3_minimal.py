@@ -7,6 +7,7 @@ the real file layouts, served by a real HTTP server on 127.0.0.1. Tests that com
 optional reference (transformers, the book's package, the real Qwen3 tokenizer) skip where it is
 not installed, except in CI, where conftest.py turns every skip into a failure.
 """
+import copy
 import functools
 import importlib.util
 import inspect
@@ -87,8 +88,10 @@ def hf_twin(model, attn_implementation="eager"):
 def plain_bfloat16_prompts(monkeypatch):
     """Every test runs the plain bfloat16 path unless it asks for the float32 one. On a CPU without
     bfloat16 arithmetic, prompts would otherwise take the float32 path (q.FLOAT32_PROMPTS), and the
-    parity tests would prove that path instead of the plain one."""
+    parity tests would prove that path instead of the plain one. Likewise weights keep the layout
+    they were made with (q.INPUT_MAJOR_WEIGHTS)."""
     monkeypatch.setattr(q, "FLOAT32_PROMPTS", False)
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", False)
 
 
 def max_diff_per_position(a, b):
@@ -1303,8 +1306,11 @@ def test_float32_prompts_are_not_used_while_training(monkeypatch):
     assert set(products) == {torch.bfloat16} and model.out_head.weight.grad is not None
 
 
-@pytest.mark.parametrize("dtype, onednn_in_steps", [(torch.bfloat16, False), (torch.float32, True)])
-def test_bfloat16_one_token_steps_run_without_onednn_and_give_the_same_tokens(dtype, onednn_in_steps, monkeypatch):
+@pytest.mark.parametrize("dtype, input_major, onednn_in_steps",
+                         [(torch.bfloat16, False, False), (torch.float32, False, True), (torch.bfloat16, True, True)])
+def test_bfloat16_one_token_steps_run_without_onednn_and_give_the_same_tokens(dtype, input_major, onednn_in_steps,
+                                                                             monkeypatch):
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", input_major)  # input-major weights need oneDNN
     model = peaked_model(dtype=dtype)
     switches = []  # (oneDNN, cuDNN attention) during each forward pass
     hook = model.register_forward_pre_hook(lambda m, args: switches.append(
@@ -1316,6 +1322,55 @@ def test_bfloat16_one_token_steps_run_without_onednn_and_give_the_same_tokens(dt
     hook.remove()
     monkeypatch.setattr(q, "fastest_kernels", lambda new_tokens, dtype: contextlib.nullcontext())
     assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 12), switched)  # oneDNN all along
+
+
+def test_input_major_weights_are_chosen_only_where_onednn_has_bfloat16_but_the_cpu_has_not():
+    script = ("import torch, qwen3_minimal as q\n"
+              "print(q.INPUT_MAJOR_WEIGHTS, q.cpu_has_bfloat16_arithmetic(), torch.ops.mkldnn._is_mkldnn_bf16_supported())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, check=True)
+    input_major, native, onednn_bfloat16 = result.stdout.split()
+    assert input_major == str(native == "False" and onednn_bfloat16 == "True")
+
+
+def test_input_major_weights_keep_values_shapes_and_tokens(monkeypatch):
+    model = peaked_model(dtype=torch.bfloat16, tie_word_embeddings=True)
+    reference = copy.deepcopy(model)
+    ids = prompt_ids(batch=2, length=12)
+    expected_tokens = q.generate_text_basic_cache(reference, ids, 20)  # INPUT_MAJOR_WEIGHTS is off here
+    assert all(p.is_contiguous() for p in model.parameters())
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", True)
+    tokens = q.generate_text_basic_cache(model, ids, 20)                 # the fast loop arranges them
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and model.head_is_tied
+    for module in linears:
+        rows, columns = module.weight.shape
+        assert module.weight.stride() == (1, rows)       # input-major: (out, in) read column by column
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    pointers = [m.weight.data_ptr() for m in linears]
+    q.arrange_weights(model)
+    assert [m.weight.data_ptr() for m in linears] == pointers  # a second call copies nothing
+    # The same products summed in another order: bfloat16 rounds them differently, so free-running
+    # tokens can part at a near-tie (measured: after 12 steps in one row); step by step they agree.
+    assert torch.equal(tokens[:, :10], expected_tokens[:, :10])
+    assert_bfloat16_steps_agree(stepwise_logits(model, model, ids, expected_tokens),
+                                stepwise_logits(reference, reference, ids, expected_tokens))
+    fresh = copy.deepcopy(reference)
+    fresh.load_state_dict(model.state_dict())                          # saved and loaded as usual
+    assert all(p.is_contiguous() for p in fresh.parameters())
+    assert torch.equal(q.generate_text_basic(q.quantize_int8(model), ids, 10),
+                       q.generate_text_basic(q.quantize_int8(reference), ids, 10))  # int8 reads rows either way
+
+
+def test_input_major_weights_leave_float32_and_output_major_cpus_alone(monkeypatch):
+    model32 = peaked_model()
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", True)
+    q.arrange_weights(model32)
+    assert all(p.is_contiguous() for p in model32.parameters())
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", False)
+    model = peaked_model(dtype=torch.bfloat16)
+    q.arrange_weights(model)
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_cudnn_attention_is_left_out_for_every_step_without_the_cache():
@@ -1390,13 +1445,19 @@ def test_compiled_bfloat16_steps_match_eager_ones():
     tokens = q.generate_text_basic_cache(model, prompt_ids(), 40)
     eager = stepwise_logits(model, model, prompt_ids(), tokens)
     compiled = stepwise_logits(q.compile_model(model), model, prompt_ids(), tokens)
-    difference = (compiled - eager).abs().amax(dim=-1)                  # (steps, b)
-    assert difference.max() < 0.1 * eager.std()  # measured 0.075: a few bfloat16 steps at logits of 10-30
-    top2 = eager.topk(2, dim=-1).values
+    assert_bfloat16_steps_agree(compiled, eager)
+    torch._dynamo.reset()
+
+
+def assert_bfloat16_steps_agree(logits, expected):
+    """Stepwise logits (steps, b, vocab) of a path that rounds bfloat16 differently: within a few
+    bfloat16 steps, and the same token wherever one clearly leads."""
+    difference = (logits - expected).abs().amax(dim=-1)                  # (steps, b)
+    assert difference.max() < 0.1 * expected.std()  # measured 0.075 compiled: a few bfloat16 steps at logits of 10-30
+    top2 = expected.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * difference
     assert clear.float().mean() > 0.8
-    assert torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
-    torch._dynamo.reset()
+    assert torch.equal(logits.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
 def test_stats_report_first_token_prefill_decode_bandwidth_and_peak_memory(capsys):
@@ -2192,6 +2253,7 @@ def test_every_python_snippet_in_the_readme_runs_as_written(hub_06b, tmp_path):
     # What each prints is what the same calls generate here, from the files the snippets downloaded
     # (the subprocesses take the default prompt path of this CPU, and so does this test).
     q.FLOAT32_PROMPTS = not q.cpu_has_bfloat16_arithmetic()
+    q.INPUT_MAJOR_WEIGHTS = q.FLOAT32_PROMPTS and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     folder = tmp_path / "qwen3"
     tokenizer = q.Qwen3Tokenizer(folder / "tokenizer-base.json")
     model = q.load_qwen3(folder / "qwen3-0.6B-base.pth")
