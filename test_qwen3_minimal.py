@@ -1560,6 +1560,59 @@ def logits_of_ids(model, ids):
         return model(ids)
 
 
+LLAMA_BENCH_TABLE = """\
+| model                          |       size |     params | backend    | threads |            test |                  t/s |
+| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |
+| qwen3 0.6B BF16                |   1.11 GiB |   596.05 M | CPU        |       2 |           pp128 |        161.53 ± 0.80 |
+| qwen3 0.6B BF16                |   1.11 GiB |   596.05 M | CPU        |       2 |            tg64 |         12.85 ± 1.82 |
+| qwen3 0.6B Q8_0                | 604.15 MiB |   596.05 M | CPU        |       2 |           pp128 |        152.56 ± 1.28 |
+| qwen3 0.6B Q8_0                | 604.15 MiB |   596.05 M | CPU        |       2 |            tg64 |         22.64 ± 0.17 |
+
+build: unknown (0)
+"""
+
+
+def test_bench_reads_llama_bench_tables_and_json(tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(HERE))
+    expected = [{"name": "llama.cpp qwen3 0.6B BF16", "prefill": 161.53, "decode": 12.85},
+                {"name": "llama.cpp qwen3 0.6B Q8_0", "prefill": 152.56, "decode": 22.64}]
+    (tmp_path / "table.txt").write_text(LLAMA_BENCH_TABLE)
+    assert bench.read_llama_bench(tmp_path / "table.txt") == expected
+    entries = [{"model_type": row["name"].removeprefix("llama.cpp "), "n_prompt": n_prompt, "n_gen": n_gen,
+                "avg_ts": row[kind]} for row in expected for n_prompt, n_gen, kind in [(128, 0, "prefill"), (0, 64, "decode")]]
+    (tmp_path / "bench.json").write_text(json.dumps(entries))
+    assert bench.read_llama_bench(tmp_path / "bench.json") == expected
+
+
+def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
+    (tmp_path / "llama.txt").write_text(LLAMA_BENCH_TABLE)
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--smoke", "--threads", "2", "--llama-bench",
+                             str(tmp_path / "llama.txt"), "--json", str(tmp_path / "out.json")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["info"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    rows = {row["name"]: row for row in report["rows"]}
+    ours = ["ours bfloat16", "ours float32", "ours int8"]
+    peers = [name for name, module in [("transformers bfloat16", "transformers"),
+                                       ("book package bfloat16", "reasoning_from_scratch")]
+             if importlib.util.find_spec(module)]
+    assert set(rows) == {*ours, *peers, "llama.cpp qwen3 0.6B BF16", "llama.cpp qwen3 0.6B Q8_0"}
+    for name in ours + peers:
+        assert rows[name]["prefill"] > 0 and rows[name]["decode"] > 0 and rows[name]["roofline"] > 0
+        assert len(rows[name]["tokens"]) == 64
+    for name in peers:  # the same random weights and greedy work: the same tokens as ours
+        assert rows[name]["tokens"] == rows["ours bfloat16"]["tokens"]
+    # the printed table puts each of ours beside llama.cpp (int8 beside Q8_0)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("ours int8 "))
+    prefill, decode, roof, prefill_ratio, decode_ratio = line.split()[2:7]
+    assert float(decode_ratio) == pytest.approx(float(decode) / 22.64, abs=0.01)
+
+
 # =============================================================================================
 # 8. The command line
 # =============================================================================================
