@@ -1101,7 +1101,9 @@ def arrange_weights(model):
         weight = module.weight if isinstance(module, nn.Linear) else None  # a tied head is the embedding's
         if weight is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" \
                 and weight.stride(1) == 1:  # output-major: one row of in_features after another
-            weight.data = weight.data.t().contiguous().t()  # still (out, in): now one column after another
+            # Made outside inference mode, so that the model can still be trained after generating
+            with torch.inference_mode(False):
+                weight.data = weight.data.t().contiguous().t()  # still (out, in): now one column after another
 
 
 @torch.inference_mode()

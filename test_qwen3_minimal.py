@@ -1362,6 +1362,16 @@ def test_input_major_weights_keep_values_shapes_and_tokens(monkeypatch):
                        q.generate_text_basic(q.quantize_int8(reference), ids, 10))  # int8 reads rows either way
 
 
+def test_a_model_with_input_major_weights_can_still_be_trained(monkeypatch):
+    monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", True)
+    model = peaked_model(dtype=torch.bfloat16, tie_word_embeddings=True)
+    q.generate_text_basic_cache(model, prompt_ids(), 3)  # arranges the weights, in inference mode
+    assert model.out_head.weight.stride(0) == 1
+    model.train()
+    model(prompt_ids()).float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_input_major_weights_leave_float32_and_output_major_cpus_alone(monkeypatch):
     model32 = peaked_model()
     monkeypatch.setattr(q, "INPUT_MAJOR_WEIGHTS", True)
