@@ -1094,7 +1094,8 @@ INPUT_MAJOR_WEIGHTS = (FLOAT32_PROMPTS and torch.backends.mkldnn.is_available()
 
 def arrange_weights(model):
     """Store the model's bfloat16 Linear weights on the CPU input-major where INPUT_MAJOR_WEIGHTS
-    says that pays. Values, shapes and the tied head stay as they were; a second call does nothing."""
+    says that pays. Values, shapes and the tied head stay as they were; a second call does nothing.
+    torch.save keeps the layout; safetensors wants tensor.contiguous() first."""
     if not INPUT_MAJOR_WEIGHTS:
         return
     for module in model.modules():
