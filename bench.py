@@ -2,7 +2,7 @@
 
 Every implementation gets the Qwen3-0.6B shape with the same random weights, a 128-token prompt
 and 64 greedy new tokens, through its own generation function:
-  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8, compiled)
+  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8; compiled bfloat16 and int8)
   transformers  Qwen3ForCausalLM.generate(do_sample=False)      where transformers is installed
   book          reasoning_from_scratch.ch02.generate_text_basic_cache   where it is installed
   llama.cpp     the figures of a llama-bench run on the same work, read from a file (--llama-bench)
@@ -187,9 +187,10 @@ def main():
     add("ours int8", int8, ours_row(int8, ids))
     del int8
     if args.compile:
-        compiled = copy.deepcopy(model)
-        ours_row(compiled, ids, compile=True)  # the first run compiles
-        add("ours bfloat16 compiled", compiled, ours_row(compiled, ids, compile=True))
+        for name, compiled in [("ours bfloat16 compiled", copy.deepcopy(model)),
+                               ("ours int8 compiled", q.quantize_int8(copy.deepcopy(model)))]:
+            ours_row(compiled, ids, compile=True)  # the first run compiles
+            add(name, compiled, ours_row(compiled, ids, compile=True))
         del compiled
     state = model.state_dict()
     if importlib.util.find_spec("transformers"):
