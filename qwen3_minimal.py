@@ -1049,9 +1049,9 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # The chapter's loops are right but leave speed on the table. For our own model, generate_tokens
 # below runs the same loop with what fast implementations (gpt-fast, llama.cpp) do: a KV cache
 # allocated once for the whole generation, the output head computed for the last position only,
-# the fastest CPU kernel for each kind of step, and optionally torch.compile. Then come the speed
-# report of the command line and int8 weights. The README's "Performance" section has the
-# measurements, per kind of CPU, behind each choice.
+# the fastest kernel for each kind of step (with the weights laid out for it), and optionally
+# torch.compile. Then come the speed report of the command line and int8 weights. The README's
+# "Performance" section has the measurements, per kind of CPU and GPU, behind each choice.
 #
 # Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
 # arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
