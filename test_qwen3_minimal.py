@@ -1344,8 +1344,7 @@ def test_input_major_weights_keep_values_shapes_and_tokens(monkeypatch):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 7 + 1 and model.head_is_tied
     for module in linears:
-        rows, columns = module.weight.shape
-        assert module.weight.stride() == (1, rows)       # input-major: (out, in) read column by column
+        assert module.weight.stride() == (1, module.out_features)  # input-major: (out, in) read column by column
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     pointers = [m.weight.data_ptr() for m in linears]
     q.arrange_weights(model)
