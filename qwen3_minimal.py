@@ -18,8 +18,8 @@ Read it top to bottom, in the chapter's order:
   5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5)
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
-  7. speed and memory       beyond the chapter: the fast loop, CPU kernel choices,
-                            torch.compile, the speed report, int8 weights
+  7. speed and memory       beyond the chapter: the fast loop, kernel choices and the
+                            weights' layout, torch.compile, the speed report, int8 weights
   8. the command line       `python qwen3_minimal.py --help`
   9. appendix               downloading robustly (retries, resuming, checksums)
 
