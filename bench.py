@@ -19,11 +19,17 @@ decode step can be: bytes of weights read per token / the read bandwidth measure
 llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
 `llama-bench -m qwen3-0.6B-bf16.gguf,qwen3-0.6B-q8_0.gguf -p 128 -n 64 -t 2`.
 Compare rows of one run only: shared machines are noisy.
+
+An AVX-512 machine can also time the kernels an AVX2-only CPU gets, for every row of the run
+(the capability printed then says it was forced; build llama.cpp without AVX-512 to match):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench.py
 """
 import argparse
 import copy
 import importlib.util
 import json
+import os
 import platform
 import re
 import time
@@ -161,7 +167,9 @@ def main():
     ids = ids.to(device)
     bandwidth = read_bandwidth_gb_s(device, 0.25 if args.smoke else 1.0)
     capability = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}, bfloat16 arithmetic "
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")  # PyTorch's kernels for a lesser CPU, chosen by hand
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}"
+          f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, bfloat16 arithmetic "
           f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")
     if device.type != "cpu":
         print(f"device: {device_name(device)}")
@@ -218,7 +226,8 @@ def main():
     print(f"(pf and dec /llama: ratios to llama.cpp BF16, for int8 to Q8_0; roofline of ours bfloat16: "
           f"{rows[0]['roofline']:.1f} tokens/s)")
     if args.json:
-        info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
+        info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability,
+                "capability_forced": forced, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
                 "date": time.strftime("%Y-%m-%d")}
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))
