@@ -175,8 +175,9 @@ def main():
         print(f"device: {device_name(device)}")
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
 
-    if device.type != "cpu":  # the first run on a GPU loads its kernels: keep that out of the rows
-        q.generate_text_basic_cache(model, ids, 4)
+    # A first run loads a GPU's kernels and builds oneDNN's for each shape on a CPU; keep that out of
+    # the rows, as llama-bench keeps its warm-up run out of its figures
+    q.generate_text_basic_cache(model, ids, 4)
     rows = []
 
     def add(name, dtype_model, result, weights_model=None):
