@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,6 +127,16 @@ def book_row(state, cfg, ids, compile=False):
     return timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))  # hooks outside the graph
 
 
+def forced_capability():
+    """The capability forced by ATEN_CPU_CAPABILITY, if any. torch.compile's on-disk cache does not
+    tell forced kernels from native ones (torch 2.13: code compiled for AVX-512 and reused under
+    avx2 gave NaN), so a forced run gets a compile cache of its own unless one is set."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    if forced and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor-{forced}")
+    return forced
+
+
 def read_llama_bench(path):
     """llama-bench's figures as rows {name, prefill, decode}: its markdown table or its JSON."""
     text = Path(path).read_text()
@@ -155,6 +166,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    forced = forced_capability()
 
     cfg = dict(q.QWEN_CONFIG_06_B)
     if args.smoke:
@@ -167,7 +179,6 @@ def main():
     ids = ids.to(device)
     bandwidth = read_bandwidth_gb_s(device, 0.25 if args.smoke else 1.0)
     capability = torch.backends.cpu.get_cpu_capability()
-    forced = os.environ.get("ATEN_CPU_CAPABILITY")  # PyTorch's kernels for a lesser CPU, chosen by hand
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}"
           f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, bfloat16 arithmetic "
           f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")

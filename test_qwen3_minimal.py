@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import sys
 import time
 import warnings
@@ -1581,12 +1582,17 @@ build: unknown (0)
 """
 
 
-def test_bench_reads_llama_bench_tables_and_json(tmp_path):
+def import_bench():
     sys.path.insert(0, str(HERE))
     try:
         import bench
     finally:
         sys.path.remove(str(HERE))
+    return bench
+
+
+def test_bench_reads_llama_bench_tables_and_json(tmp_path):
+    bench = import_bench()
     expected = [{"name": "llama.cpp qwen3 0.6B BF16", "prefill": 161.53, "decode": 12.85},
                 {"name": "llama.cpp qwen3 0.6B Q8_0", "prefill": 152.56, "decode": 22.64}]
     (tmp_path / "table.txt").write_text(LLAMA_BENCH_TABLE)
@@ -1595,6 +1601,18 @@ def test_bench_reads_llama_bench_tables_and_json(tmp_path):
                 "avg_ts": row[kind]} for row in expected for n_prompt, n_gen, kind in [(128, 0, "prefill"), (0, 64, "decode")]]
     (tmp_path / "bench.json").write_text(json.dumps(entries))
     assert bench.read_llama_bench(tmp_path / "bench.json") == expected
+
+
+def test_bench_gives_runs_with_forced_kernels_a_compile_cache_of_their_own(monkeypatch, tmp_path):
+    bench = import_bench()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert bench.forced_capability() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert bench.forced_capability() == "avx2"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(Path(tempfile.gettempdir()) / "torchinductor-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # one the user chose stays
+    assert bench.forced_capability() == "avx2" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
