@@ -15,8 +15,8 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import warnings
 import contextlib
