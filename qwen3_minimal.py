@@ -19,7 +19,8 @@ Read it top to bottom, in the chapter's order:
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
   7. speed and memory       beyond the chapter: the fast loop, kernel choices and the
-                            weights' layout, torch.compile, the speed report, int8 weights
+                            weights' layout, torch.compile and CUDA graphs, the speed
+                            report, int8 weights
   8. the command line       `python qwen3_minimal.py --help`
   9. appendix               downloading robustly (retries, resuming, checksums)
 
@@ -34,6 +35,7 @@ has the measured figures behind every speed choice made here.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -293,12 +295,14 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
 
 
 def apply_rope(x, cos, sin, offset=0):
-    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1."""
+    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1. offset is
+    an int, or a tensor of the T positions (section 7's CUDA-graph step, whose inputs are tensors)."""
     T, head_dim = x.shape[2], x.shape[3]
+    positions = offset if torch.is_tensor(offset) else slice(offset, offset + T)
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
-    cos = cos[offset:offset + T].to(x.dtype)  # (T, head_dim), broadcast over b and heads
-    sin = sin[offset:offset + T].to(x.dtype)
+    cos = cos[positions].to(x.dtype)  # (T, head_dim), broadcast over b and heads
+    sin = sin[positions].to(x.dtype)
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -318,7 +322,9 @@ class KVCache:
     key into a longer tensor each step. Give max_len, the most positions a generation needs, to
     allocate them all at the first write; without it the buffers grow as needed. Sizes are rounded
     up to a multiple of 256 positions: few reallocations (each one copies), and generations of
-    similar lengths give torch.compile the same shapes.
+    similar lengths give torch.compile the same shapes. reset() keeps the buffers for the next
+    sequence, so a cache kept between generations keeps its memory addresses (CUDA graphs replay
+    at the addresses they recorded: section 7).
     """
 
     def __init__(self, n_layers, max_len=None):
@@ -336,22 +342,29 @@ class KVCache:
         return self.cache
 
     def reset(self):
-        """Forget everything, for a new sequence."""
+        """Forget everything, for a new sequence (the buffers stay allocated, to be written over)."""
         self.cache = [None] * len(self.cache)
-        self._buffers = [None] * len(self._buffers)
 
     def append(self, layer_idx, keys, values, start_pos):
         """Write a layer's new keys and values, (b, kv_heads, T, head_dim), at positions
-        start_pos.. and return all of them so far, (b, kv_heads, S, head_dim) with S = start_pos + T."""
-        end = start_pos + keys.shape[2]
+        start_pos.. and return all of them so far, (b, kv_heads, S, head_dim) with S = start_pos + T.
+        Section 7's CUDA-graph step gives start_pos as a tensor (1,) and gets the whole buffers back."""
         buffers = self._buffers[layer_idx]
-        if buffers is None and start_pos > 0:
+        if torch.is_tensor(start_pos):  # the same shapes at every position: write by index, return it all
+            buffers[0].index_copy_(2, start_pos, keys)
+            buffers[1].index_copy_(2, start_pos, values)
+            return buffers              # (b, kv_heads, capacity, head_dim), attention masks what lies ahead
+        end = start_pos + keys.shape[2]
+        if self.cache[layer_idx] is None and start_pos > 0:
             raise ValueError(f"the KV cache is empty but the model stands at position {start_pos}: begin each "
                              f"new sequence with model.reset_kv_cache()")
-        if buffers is None or buffers[0].shape[2] < end or buffers[0].shape[:2] != keys.shape[:2]:
+        fits = (buffers is not None and buffers[0].shape[2] >= end and buffers[0].shape[:2] == keys.shape[:2]
+                and (buffers[0].dtype, buffers[0].device) == (keys.dtype, keys.device))
+        if not fits:
             capacity = -(-max(end, self.max_len or 0) // 256) * 256  # rounded up to a multiple of 256
-            # Left uninitialised: attention only ever reads positions that were written before.
-            new_buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
+            # Zeros, not left uninitialised: the CUDA-graph step reads positions not written yet (masked
+            # out, but a weight of 0 times a NaN left in memory is still NaN).
+            new_buffers = tuple(keys.new_zeros(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
             if start_pos > 0:
                 new_buffers[0][:, :, :start_pos] = buffers[0][:, :, :start_pos]
                 new_buffers[1][:, :, :start_pos] = buffers[1][:, :, :start_pos]
@@ -434,11 +447,13 @@ class GroupedQueryAttention(nn.Module):
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
             context = weights @ values                                   # (b, num_heads, T, head_dim)
         elif T == 1:
-            # Decoding one token: it may see every position, so no mask is needed. The query
-            # heads of a group are folded into the "tokens" axis, which lets them share their
-            # kv head without copying it (faster than enable_gqa on CPUs).
+            # Decoding one token: it may see every position, so no mask is needed, except in the
+            # CUDA-graph step (section 7), whose keys span the whole cache: there it sees positions
+            # up to its own. The query heads of a group are folded into the "tokens" axis, which
+            # lets them share their kv head without copying it (faster than enable_gqa on CPUs).
+            visible = torch.arange(S, device=x.device) <= start_pos[:, None] if torch.is_tensor(start_pos) else None
             grouped = queries.reshape(b, self.num_kv_groups, self.group_size, self.head_dim)
-            context = F.scaled_dot_product_attention(grouped, keys, values)
+            context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)  # visible: (1, S)
             context = context.reshape(b, self.num_heads, 1, self.head_dim)
         elif start_pos == 0:
             # The prompt: token i sees tokens 0..i.
@@ -1050,8 +1065,9 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # below runs the same loop with what fast implementations (gpt-fast, llama.cpp) do: a KV cache
 # allocated once for the whole generation, the output head computed for the last position only,
 # the fastest kernel for each kind of step (with the weights laid out for it), and optionally
-# torch.compile. Then come the speed report of the command line and int8 weights. The README's
-# "Performance" section has the measurements, per kind of CPU and GPU, behind each choice.
+# torch.compile (on a GPU with CUDA graphs). Then come the speed report of the command line and
+# int8 weights. The README's "Performance" section has the measurements, per kind of CPU and GPU,
+# behind each choice.
 #
 # Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
 # arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
@@ -1119,7 +1135,8 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
             produced one at the same step (it is not yielded).
         use_cache: keep keys and values in a KVCache (fast) or recompute them every step.
         temperature, top_k, top_p: sampling, see sample_next_token (default: greedy).
-        compile: run the model through torch.compile (see compile_model).
+        compile: run the model through torch.compile (see compile_model); with the cache, each
+            decode step is one compiled decode_step (a CUDA graph on a GPU).
         timings: a dict to fill with prompt_tokens, prefill_s, new_tokens, decode_s.
     """
     check_generation_args(model, token_ids, max_new_tokens)
@@ -1127,9 +1144,14 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     prompt_len = token_ids.shape[1]
     weights_dtype = model.tok_emb.weight.dtype
     arrange_weights(model)  # before compiling: the compiled code is specialised to the layout
-    forward = compile_model(model) if compile else model
-    # Allocated once, for every position this generation can reach
+    forward = compile_model(model) if compile and not use_cache else model  # with the cache: decode_step
+    # Allocated once, for every position this generation can reach. Compiled, one cache is kept with
+    # the model for every generation: a CUDA graph replays its writes at the addresses it recorded.
     cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
+    if use_cache and compile:
+        cache = model.__dict__.setdefault("kept_kv_cache", cache)  # a plain attribute, not saved
+        cache.max_len = prompt_len + max_new_tokens
+        cache.reset()
     model.reset_kv_cache()
     start = time.perf_counter()
 
@@ -1139,6 +1161,9 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     # the compiler then sees one kind of step with the cache already allocated.
     with fastest_kernels(prompt_len, weights_dtype):
         logits = model(token_ids, cache=cache, last_only=True)[:, -1]     # (b, vocab_size)
+    if use_cache and compile:  # decode steps with the position as a tensor: see decode_step
+        decode = compile_decode_step(model, cache)
+        position = torch.tensor([prompt_len], device=token_ids.device)
     for step in range(max_new_tokens):
         next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
         if timings is not None:
@@ -1151,10 +1176,15 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
         yield next_token
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody asks for
-        if use_cache:  # the new token alone: everything before it is in the cache
+        if use_cache and compile:
+            with fastest_kernels(1, weights_dtype):
+                logits = decode(model, next_token, position, cache)
+            position += 1
+            model.current_pos += 1
+        elif use_cache:  # the new token alone: everything before it is in the cache
             with fastest_kernels(1, weights_dtype):
                 logits = forward(next_token, cache=cache, last_only=True)[:, -1]
-        else:          # the whole sequence again, as in figure 2.10
+        else:            # the whole sequence again, as in figure 2.10
             token_ids = torch.cat([token_ids, next_token], dim=1)
             with fastest_kernels(token_ids.shape[1], weights_dtype):
                 logits = forward(token_ids, last_only=True)[:, -1]
@@ -1201,23 +1231,59 @@ def compile_model(model):
     failure comes while compiling, before the step runs, so the KV cache is still as it was.
     """
     if "compiled_forward" not in model.__dict__:
-        compiled = torch.compile(model)
-
-        def compiled_forward(in_idx, cache=None, last_only=False):
-            nonlocal compiled
-            if compiled is not None:
-                try:  # model.current_pos as an input of the graph, not a constant of it (as in section 2.9)
-                    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-                        return compiled(in_idx, cache=cache, last_only=last_only)
-                except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
-                    reason = (str(exc).strip().splitlines() or [""])[0][:160]
-                    warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
-                                  stacklevel=2)
-                    compiled = None
-            return model(in_idx, cache=cache, last_only=last_only)
-
-        model.compiled_forward = compiled_forward  # a plain attribute: not a submodule, not saved
+        # model.current_pos as an input of the graph, not a constant of it (as in section 2.9)
+        settings = functools.partial(torch._dynamo.config.patch, allow_unspec_int_on_nn_module=True)
+        model.compiled_forward = compiled_or_eager(model, settings)  # a plain attribute: not a submodule, not saved
     return model.compiled_forward
+
+
+def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
+    """function through torch.compile(function, **options), run under the context settings() makes;
+    or, once compiling failed, function itself."""
+    compiled = torch.compile(function, **options)
+
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                with settings():
+                    return compiled(*args, **kwargs)
+            except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
+                reason = (str(exc).strip().splitlines() or [""])[0][:160]
+                warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
+                              stacklevel=2)
+                compiled = None
+        return function(*args, **kwargs)
+
+    return run
+
+
+# CUDA graphs. On a GPU, a decode step of a small model is a few hundred small kernels, each done
+# before Python and PyTorch have launched the next: launching, not the GPU, sets the speed (the
+# README's GPU figures). A CUDA graph records the kernels of a step once and replays them all with
+# one launch (torch.compile's mode="reduce-overhead"). But it replays the same kernels on the same
+# memory addresses, so every step must look alike: the position comes in as a tensor, not as a
+# Python int, and attention reads the whole preallocated cache with a mask instead of a slice that
+# grows by one each step (gpt-fast does the same). On a CPU the same compiled step runs without a
+# graph, as fast as the compiled model (the README's figures), so every device takes it.
+def decode_step(model, token, position, cache):
+    """Qwen3Model.forward for one new token (b, 1) at `position`, a tensor (1,), through a KVCache
+    whose buffers hold every position already: logits (b, vocab_size). The same shapes at every step."""
+    x = model.tok_emb(token)                                      # (b, 1, emb_dim)
+    for i, block in enumerate(model.trf_blocks):
+        x = block(x, model.cos, model.sin, position, cache, i)  # writes the cache at `position`
+    return model.out_head(model.final_norm(x))[:, -1]            # (b, vocab_size)
+
+
+def compile_decode_step(model, cache):
+    """decode_step compiled for CUDA graphs, made once per model, with the cache's buffers marked as
+    fixed addresses (a graph may then write into them; other inputs it copies in at every replay)."""
+    for buffers in cache._buffers:
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer)
+    if "compiled_decode_step" not in model.__dict__:
+        model.compiled_decode_step = compiled_or_eager(decode_step, mode="reduce-overhead")
+    return model.compiled_decode_step
 
 
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
