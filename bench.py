@@ -2,8 +2,10 @@
 
 Every implementation gets the Qwen3-0.6B shape with the same random weights, a 128-token prompt
 and 64 greedy new tokens, through its own generation function:
-  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8; compiled bfloat16 and int8)
+  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8 on CPUs; compiled
+                bfloat16 and int8: CUDA graphs on a GPU)
   transformers  Qwen3ForCausalLM.generate(do_sample=False)      where transformers is installed
+                (compiled: with its static cache, which it compiles with CUDA graphs)
   book          reasoning_from_scratch.ch02.generate_text_basic_cache   where it is installed
   llama.cpp     the figures of a llama-bench run on the same work, read from a file (--llama-bench)
 
@@ -87,6 +89,22 @@ def timed(module, generate):
     return PROMPT_TOKENS / (ends[0] - start), (len(ends) - 1) / (ends[-1] - ends[0]), tokens.reshape(-1)[-NEW_TOKENS:]
 
 
+def timed_by_length(generate, device):
+    """(prefill tokens/s, decode tokens/s, new tokens) from whole runs of generate(new_tokens), for
+    code whose forward passes hooks cannot see (inside a compiled call): a run of one new token is
+    the prefill, and the rest of a full run is decoding. The first run compiles."""
+    generate(NEW_TOKENS)
+    seconds = {}
+    for new_tokens in (1, NEW_TOKENS):
+        q._synchronize(device)
+        start = time.perf_counter()
+        tokens = generate(new_tokens)
+        q._synchronize(device)
+        seconds[new_tokens] = time.perf_counter() - start
+    prefill, decode = seconds[1], seconds[NEW_TOKENS] - seconds[1]
+    return PROMPT_TOKENS / prefill, (NEW_TOKENS - 1) / decode, tokens.reshape(-1)[-NEW_TOKENS:]
+
+
 def ours_row(model, ids, compile=False):
     """Ours, timed by the loop itself (hooks inside a compiled model would break its graph)."""
     timings = {}
@@ -94,8 +112,10 @@ def ours_row(model, ids, compile=False):
     return PROMPT_TOKENS / timings["prefill_s"], (timings["new_tokens"] - 1) / timings["decode_s"], tokens.reshape(-1)
 
 
-def transformers_row(state, cfg, ids):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def transformers_row(state, cfg, ids, compile=False):
+    """transformers' generate; compiled as transformers does it: a static cache, and the one-token
+    forward through torch.compile(mode="reduce-overhead"), CUDA graphs on a GPU."""
+    from transformers import CompileConfig, Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["emb_dim"], intermediate_size=cfg["hidden_dim"],
                          num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
@@ -106,11 +126,16 @@ def transformers_row(state, cfg, ids):
     book_to_hf = {q.hf_to_book_name(name): name for name in model.state_dict()}
     model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()}, strict=False)
 
-    def generate():
+    def generate(new_tokens=NEW_TOKENS, **options):
         with torch.inference_mode():
-            return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
 
-    return timed(model, generate)
+    if not compile:
+        return timed(model, generate)
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers' flag to compile on CPUs too (for testing, it says)
+    return timed_by_length(lambda new_tokens: generate(new_tokens, cache_implementation="static",
+                                                       compile_config=compile_config), ids.device)
 
 
 def book_row(state, cfg, ids, compile=False):
@@ -195,9 +220,17 @@ def main():
                      "roofline": bandwidth * 1e9 / per_token})
         print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s", flush=True)
 
+    def add_peer(name, row):
+        """A peer's row; a peer that fails (their versions change) costs its row, not the run."""
+        try:
+            add(name, model, row())
+        except Exception as exc:
+            print(f"  {name}: failed, left out ({type(exc).__name__}: {str(exc).strip()[:300]})", flush=True)
+
+    int8_too = device.type == "cpu"  # int8 weights are for CPUs: a GPU converts them back for every product
     model32 = copy.deepcopy(model).float()
     model32.cfg = {**cfg, "dtype": torch.float32}
-    int8 = q.quantize_int8(copy.deepcopy(model))
+    int8 = q.quantize_int8(copy.deepcopy(model)) if int8_too else None
     # A first run loads a GPU's kernels and builds oneDNN's for each shape on a CPU; keep that out of
     # the rows, as llama-bench keeps its warm-up run out of its figures. (After the copies above: the
     # run lays out the bfloat16 weights for their kernels, which the float32 copy should not inherit.)
@@ -205,21 +238,25 @@ def main():
     add("ours bfloat16", model, ours_row(model, ids))
     add("ours float32", model32, ours_row(model32, ids))
     del model32
-    add("ours int8", int8, ours_row(int8, ids))
+    if int8_too:
+        add("ours int8", int8, ours_row(int8, ids))
     del int8
     if args.compile:
         for name, compiled in [("ours bfloat16 compiled", copy.deepcopy(model)),
-                               ("ours int8 compiled", q.quantize_int8(copy.deepcopy(model)))]:
+                               ("ours int8 compiled", q.quantize_int8(copy.deepcopy(model)))][:2 if int8_too else 1]:
             ours_row(compiled, ids, compile=True)  # the first run compiles
             add(name, compiled, ours_row(compiled, ids, compile=True))
         del compiled
     state = model.state_dict()
-    if importlib.util.find_spec("transformers"):
-        add("transformers bfloat16", model, transformers_row(state, cfg, ids))
-    if importlib.util.find_spec("reasoning_from_scratch"):
-        add("book package bfloat16", model, book_row(state, cfg, ids))
+    transformers, book = importlib.util.find_spec("transformers"), importlib.util.find_spec("reasoning_from_scratch")
+    if transformers:
+        add_peer("transformers bfloat16", lambda: transformers_row(state, cfg, ids))
+    if book:
+        add_peer("book package bfloat16", lambda: book_row(state, cfg, ids))
         if args.compile:
-            add("book package compiled", model, book_row(state, cfg, ids, compile=True))
+            add_peer("book package compiled", lambda: book_row(state, cfg, ids, compile=True))
+    if transformers and args.compile:  # last: the longest to compile
+        add_peer("transformers compiled", lambda: transformers_row(state, cfg, ids, compile=True))
     llama = read_llama_bench(args.llama_bench) if args.llama_bench else []
 
     reference = next((row for row in llama if "BF16" in row["name"].upper()), None)

@@ -1669,9 +1669,12 @@ def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
     # On an AVX-512 CPU, the run takes the kernels of an AVX2-only CPU, as the docstring shows
     forced = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     forced = forced if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else {}
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--smoke", "--threads", "2", "--llama-bench",
-                             str(tmp_path / "llama.txt"), "--json", str(tmp_path / "out.json")],
-                            cwd=tmp_path, env={**os.environ, **forced}, capture_output=True, text=True, timeout=600)
+    # Importing torch._dynamo (this file does) sets TORCHINDUCTOR_CACHE_DIR to the default cache:
+    # a user's shell has none, and a forced run must not inherit this process's (bench.forced_capability)
+    env = {name: value for name, value in os.environ.items() if not (forced and name == "TORCHINDUCTOR_CACHE_DIR")}
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--smoke", "--threads", "2", "--compile",
+                             "--llama-bench", str(tmp_path / "llama.txt"), "--json", str(tmp_path / "out.json")],
+                            cwd=tmp_path, env={**env, **forced}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     if forced:
@@ -1681,11 +1684,12 @@ def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
         assert report["info"]["capability"] == torch.backends.cpu.get_cpu_capability()
         assert report["info"]["capability_forced"] == os.environ.get("ATEN_CPU_CAPABILITY")
     rows = {row["name"]: row for row in report["rows"]}
-    ours = ["ours bfloat16", "ours float32", "ours int8"]
-    peers = [name for name, module in [("transformers bfloat16", "transformers"),
-                                       ("book package bfloat16", "reasoning_from_scratch")]
+    ours = ["ours bfloat16", "ours float32", "ours int8", "ours bfloat16 compiled", "ours int8 compiled"]
+    peers = [name for name, module in [("transformers bfloat16", "transformers"), ("transformers compiled", "transformers"),
+                                       ("book package bfloat16", "reasoning_from_scratch"),
+                                       ("book package compiled", "reasoning_from_scratch")]
              if importlib.util.find_spec(module)]
-    assert set(rows) == {*ours, *peers, "llama.cpp qwen3 0.6B BF16", "llama.cpp qwen3 0.6B Q8_0"}
+    assert set(rows) == {*ours, *peers, "llama.cpp qwen3 0.6B BF16", "llama.cpp qwen3 0.6B Q8_0"}, result.stdout
     for name in ours + peers:
         assert rows[name]["prefill"] > 0 and rows[name]["decode"] > 0 and rows[name]["roofline"] > 0
         assert len(rows[name]["tokens"]) == 64
@@ -1695,6 +1699,25 @@ def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.startswith("ours int8 "))
     prefill, decode, roof, prefill_ratio, decode_ratio = line.split()[2:7]
     assert float(decode_ratio) == pytest.approx(float(decode) / 22.64, abs=0.01)
+
+
+def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
+    bench = import_bench()
+
+    def broken_row(*args, **kwargs):
+        raise RuntimeError("an API of theirs changed")
+
+    monkeypatch.setattr(bench, "transformers_row", broken_row)
+    monkeypatch.setattr(bench, "book_row", broken_row)
+    monkeypatch.setattr(bench, "importlib", types.SimpleNamespace(util=types.SimpleNamespace(find_spec=bool)))  # "installed"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--json", str(tmp_path / "out.json")])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "transformers bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
+    assert "book package bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
+    names = [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]]
+    assert names == ["ours bfloat16", "ours float32", "ours int8"]
 
 
 # =============================================================================================
