@@ -419,9 +419,14 @@ def test_plain_attention_equals_the_fused_kernel_and_transformers_eager(dtype, m
         model.reset_kv_cache()
         chunks = torch.cat([model(ids[:, :30], cache=cache), model(ids[:, 30:31], cache=cache),
                             model(ids[:, 31:], cache=cache)], dim=1)
+        cache = q.KVCache(n_layers=2)  # and in the CUDA-graph step, which attends over the whole buffer
+        model.reset_kv_cache()
+        model(ids[:, :30], cache=cache)
+        step = q.decode_step(model, ids[:, 30:31], torch.tensor([30]), cache)[:, None]
     tolerance = 1e-5 if dtype == torch.float32 else 0.1
     assert max_diff_per_position(plain, fused).max() < tolerance
     assert max_diff_per_position(chunks, plain).max() < tolerance
+    assert max_diff_per_position(step, plain[:, 30:31]).max() < tolerance
     if importlib.util.find_spec("transformers") is not None:
         with torch.no_grad():
             eager = hf_twin(model).to(dtype)(ids).logits
