@@ -443,6 +443,15 @@ def test_kv_cache_has_the_books_four_methods():
     assert cache.get_all() == [None, None, None]
 
 
+def test_kv_cache_buffers_start_as_zeros():
+    # Section 7's CUDA-graph step reads positions not written yet, masked out; uninitialised memory there
+    # could hold NaN, and a masked NaN still poisons the product (0 * NaN = NaN).
+    cache = q.KVCache(n_layers=1)
+    keys = torch.ones(1, 2, 3, 4)
+    cache.append(0, keys, keys, 0)
+    assert cache._buffers[0][0].shape[2] == 256 and torch.equal(cache._buffers[0][1][:, :, 3:], torch.zeros(1, 2, 253, 4))
+
+
 class BookStyleCache:
     """A cache with only the book's four methods, as reasoning_from_scratch.qwen3.KVCache has."""
 
@@ -1452,15 +1461,6 @@ def test_the_cuda_graph_step_gives_the_plain_steps_logits():
     plain = stepwise_logits(model, model, prompt_ids(batch=2), tokens)
     static = stepwise_logits(model, model, prompt_ids(batch=2), tokens, step="eager")
     assert (static - plain).abs().max() < 1e-5
-
-
-def test_kv_cache_buffers_start_as_zeros():
-    # The CUDA-graph step reads positions not written yet, masked out; uninitialised memory there
-    # could hold NaN, and a masked NaN still poisons the product (0 * NaN = NaN).
-    cache = q.KVCache(n_layers=1)
-    keys = torch.ones(1, 2, 3, 4)
-    cache.append(0, keys, keys, 0)
-    assert cache._buffers[0][0].shape[2] == 256 and torch.equal(cache._buffers[0][1][:, :, 3:], torch.zeros(1, 2, 253, 4))
 
 
 def test_compiled_generations_keep_one_kv_cache_at_fixed_addresses():
