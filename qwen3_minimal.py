@@ -1265,7 +1265,7 @@ def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
 # memory addresses, so every step must look alike: the position comes in as a tensor, not as a
 # Python int, and attention reads the whole preallocated cache with a mask instead of a slice that
 # grows by one each step (gpt-fast does the same). On a CPU the same compiled step runs without a
-# graph, as fast as the compiled model (the README's figures), so every device takes it.
+# graph, about as fast as a compiled Qwen3Model (the README's figures), so every device takes it.
 def decode_step(model, token, position, cache):
     """Qwen3Model.forward for one new token (b, 1) at `position`, a tensor (1,), through a KVCache
     whose buffers hold every position already: logits (b, vocab_size). The same shapes at every step."""
