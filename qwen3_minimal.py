@@ -1144,11 +1144,12 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     prompt_len = token_ids.shape[1]
     weights_dtype = model.tok_emb.weight.dtype
     arrange_weights(model)  # before compiling: the compiled code is specialised to the layout
-    forward = compile_model(model) if compile and not use_cache else model  # with the cache: decode_step
+    compiled_steps = compile and use_cache  # each new token through the compiled decode_step
+    forward = compile_model(model) if compile and not use_cache else model
     # Allocated once, for every position this generation can reach. Compiled, one cache is kept with
     # the model for every generation: a CUDA graph replays its writes at the addresses it recorded.
     cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
-    if use_cache and compile:
+    if compiled_steps:
         cache = model.__dict__.setdefault("kept_kv_cache", cache)  # a plain attribute, not saved
         cache.max_len = prompt_len + max_new_tokens
         cache.reset()
@@ -1161,7 +1162,7 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
     # the compiler then sees one kind of step with the cache already allocated.
     with fastest_kernels(prompt_len, weights_dtype):
         logits = model(token_ids, cache=cache, last_only=True)[:, -1]     # (b, vocab_size)
-    if use_cache and compile:  # decode steps with the position as a tensor: see decode_step
+    if compiled_steps:  # the position as a tensor: see decode_step
         decode = compile_decode_step(model, cache)
         position = torch.tensor([prompt_len], device=token_ids.device)
     for step in range(max_new_tokens):
@@ -1176,7 +1177,7 @@ def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cac
         yield next_token
         if step == max_new_tokens - 1:
             break  # no forward pass for a token nobody asks for
-        if use_cache and compile:
+        if compiled_steps:
             with fastest_kernels(1, weights_dtype):
                 logits = decode(model, next_token, position, cache)
             position += 1
