@@ -10,10 +10,12 @@ and 64 greedy new tokens, through its own generation function:
   llama.cpp     the figures of a llama-bench run on the same work, read from a file (--llama-bench)
 
 Prefill is the prompt's tokens divided by the time of the first forward pass; decode is the
-number of later forward passes divided by their time. The memory roofline is the fastest a
-decode step can be: bytes of weights read per token / the read bandwidth measured here.
+number of later forward passes divided by their time. Each row is timed over --repeats runs
+(default 3) after a warm-up, and shows their median, as llama-bench shows a mean of its runs. The
+memory roofline is the fastest a decode step can be: bytes of weights read per token / the read
+bandwidth measured here.
 
-    OMP_NUM_THREADS=2 python bench.py                       # about 5 minutes on 2 cores
+    OMP_NUM_THREADS=2 python bench.py                       # about 8 minutes on 2 cores
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
     python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -92,8 +95,7 @@ def timed(module, generate):
 def timed_by_length(generate, device):
     """(prefill tokens/s, decode tokens/s, new tokens) from whole runs of generate(new_tokens), for
     code whose forward passes hooks cannot see (inside a compiled call): a run of one new token is
-    the prefill, and the rest of a full run is decoding. The first run compiles."""
-    generate(NEW_TOKENS)
+    the prefill, and the rest of a full run is decoding."""
     seconds = {}
     for new_tokens in (1, NEW_TOKENS):
         q._synchronize(device)
@@ -105,11 +107,25 @@ def timed_by_length(generate, device):
     return PROMPT_TOKENS / prefill, (NEW_TOKENS - 1) / decode, tokens.reshape(-1)[-NEW_TOKENS:]
 
 
+def median_run(runs):
+    """The (prefill, decode, tokens) of several runs of one row: the median prefill and the median
+    decode, each taken apart (llama-bench reports the mean of its runs), and the last run's tokens."""
+    return (statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs), runs[-1][2])
+
+
+# Each *_row function sets an implementation up (building, compiling, warming up) and returns a
+# function that times one generation as (prefill tokens/s, decode tokens/s, new tokens).
+
 def ours_row(model, ids, compile=False):
     """Ours, timed by the loop itself (hooks inside a compiled model would break its graph)."""
-    timings = {}
-    tokens = q.generate_text_basic_cache(model, ids, NEW_TOKENS, compile=compile, timings=timings)
-    return PROMPT_TOKENS / timings["prefill_s"], (timings["new_tokens"] - 1) / timings["decode_s"], tokens.reshape(-1)
+    def measure():
+        timings = {}
+        tokens = q.generate_text_basic_cache(model, ids, NEW_TOKENS, compile=compile, timings=timings)
+        return PROMPT_TOKENS / timings["prefill_s"], (timings["new_tokens"] - 1) / timings["decode_s"], tokens.reshape(-1)
+
+    if compile:
+        measure()  # the first run compiles
+    return measure
 
 
 def transformers_row(state, cfg, ids, compile=False):
@@ -131,11 +147,15 @@ def transformers_row(state, cfg, ids, compile=False):
             return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
 
     if not compile:
-        return timed(model, generate)
+        return lambda: timed(model, generate)
     compile_config = CompileConfig()
     compile_config._compile_all_devices = True  # transformers' flag to compile on CPUs too (for testing, it says)
-    return timed_by_length(lambda new_tokens: generate(new_tokens, cache_implementation="static",
-                                                       compile_config=compile_config), ids.device)
+
+    def static(new_tokens):
+        return generate(new_tokens, cache_implementation="static", compile_config=compile_config)
+
+    static(NEW_TOKENS)  # the first run compiles
+    return lambda: timed_by_length(static, ids.device)
 
 
 def book_row(state, cfg, ids, compile=False):
@@ -145,11 +165,11 @@ def book_row(state, cfg, ids, compile=False):
     model = qwen3.Qwen3Model(cfg).to(ids.device).eval()
     model.load_state_dict(state)
     if not compile:
-        return timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
+        return lambda: timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     compiled = torch.compile(model)
-    ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS)
-    return timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))  # hooks outside the graph
+    ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS)  # the first run compiles
+    return lambda: timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))  # hooks outside the graph
 
 
 def forced_capability():
@@ -186,6 +206,7 @@ def main():
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all)")
     parser.add_argument("--compile", action="store_true", help="add a row for ours with torch.compile")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the table shows their median")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
@@ -213,12 +234,15 @@ def main():
 
     rows = []
 
-    def add(name, dtype_model, result, weights_model=None):
-        prefill, decode, tokens = result
-        per_token = q.weight_bytes_per_token(weights_model or dtype_model)
+    def add(name, weights_model, measure):
+        """A row: measure() timed args.repeats times, the median kept, every run's figures printed."""
+        runs = [measure() for _ in range(args.repeats)]
+        prefill, decode, tokens = median_run(runs)
+        per_token = q.weight_bytes_per_token(weights_model)
         rows.append({"name": name, "prefill": prefill, "decode": decode, "tokens": tokens.tolist(),
-                     "roofline": bandwidth * 1e9 / per_token})
-        print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s", flush=True)
+                     "roofline": bandwidth * 1e9 / per_token, "runs": [run[:2] for run in runs]})
+        print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s (median of "
+              f"{', '.join(f'{run[0]:.1f} / {run[1]:.2f}' for run in runs)})", flush=True)
 
     def add_peer(name, row):
         """A peer's row; a peer that fails (their versions change) costs its row, not the run."""
@@ -244,7 +268,6 @@ def main():
     if args.compile:
         for name, compiled in [("ours bfloat16 compiled", copy.deepcopy(model)),
                                ("ours int8 compiled", q.quantize_int8(copy.deepcopy(model)))][:2 if int8_too else 1]:
-            ours_row(compiled, ids, compile=True)  # the first run compiles
             add(name, compiled, ours_row(compiled, ids, compile=True))
         del compiled
     state = model.state_dict()
@@ -279,7 +302,7 @@ def main():
         info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability,
                 "capability_forced": forced, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
-                "date": time.strftime("%Y-%m-%d")}
+                "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))
 
 

@@ -1098,12 +1098,12 @@ FLOAT32_PROMPTS = not cpu_has_bfloat16_arithmetic()
 # The weights' layout in memory. nn.Linear stores a weight as (out_features, in_features), the
 # weights of one output after another: "output-major". A decode step multiplies each weight matrix
 # by one vector. On AVX-512 CPUs without bfloat16 arithmetic, oneDNN (see fastest_kernels) does
-# that about 20% faster for the same matrix stored the other way round, the weights of one input
-# after another: "input-major", the memory of weight.t().contiguous(). The tensor keeps its shape
-# (out_features, in_features) and its values; only its strides change, so the chapter's code,
-# state dicts and everything else see the same weights. On CPUs with bfloat16 arithmetic, PyTorch's
-# own kernel is faster still but needs output-major weights; on AVX2 CPUs oneDNN has no bfloat16
-# kernels at all: both keep the layout they were given.
+# that faster (the README's figures) for the same matrix stored the other way round, the weights of
+# one input after another: "input-major", the memory of weight.t().contiguous(). The tensor keeps
+# its shape (out_features, in_features) and its values; only its strides change, so the chapter's
+# code, state dicts and everything else see the same weights. On CPUs with bfloat16 arithmetic,
+# PyTorch's own kernel is faster still but needs output-major weights; on AVX2 CPUs oneDNN has no
+# bfloat16 kernels at all: both keep the layout they were given.
 INPUT_MAJOR_WEIGHTS = (FLOAT32_PROMPTS and torch.backends.mkldnn.is_available()
                        and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

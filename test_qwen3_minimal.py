@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1657,6 +1658,13 @@ def test_bench_reads_llama_bench_tables_and_json(tmp_path):
     assert bench.read_llama_bench(tmp_path / "bench.json") == expected
 
 
+def test_bench_keeps_the_median_prefill_and_the_median_decode_of_a_rows_runs():
+    bench = import_bench()
+    runs = [(100.0, 9.0, "tokens 1"), (300.0, 7.0, "tokens 2"), (200.0, 8.5, "tokens 3")]
+    assert bench.median_run(runs) == (200.0, 8.5, "tokens 3")  # each figure's median, from different runs
+    assert bench.median_run(runs[:2]) == (200.0, 8.0, "tokens 2")
+
+
 def test_bench_gives_runs_with_forced_kernels_a_compile_cache_of_their_own(monkeypatch, tmp_path):
     bench = import_bench()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -1695,9 +1703,13 @@ def test_bench_times_every_row_on_the_same_work_and_writes_json(tmp_path):
                                        ("book package compiled", "reasoning_from_scratch")]
              if importlib.util.find_spec(module)]
     assert set(rows) == {*ours, *peers, "llama.cpp qwen3 0.6B BF16", "llama.cpp qwen3 0.6B Q8_0"}, result.stdout
+    assert report["info"]["repeats"] == 3
     for name in ours + peers:
         assert rows[name]["prefill"] > 0 and rows[name]["decode"] > 0 and rows[name]["roofline"] > 0
         assert len(rows[name]["tokens"]) == 64
+        runs = rows[name]["runs"]  # each row is the median of three timed runs, all kept
+        assert len({tuple(run) for run in runs}) == 3  # three runs, each timed on its own
+        assert rows[name]["decode"] == statistics.median(decode for prefill, decode in runs)
     for name in peers:  # the same random weights and greedy work: the same tokens as ours
         assert rows[name]["tokens"] == rows["ours bfloat16"]["tokens"]
     # the printed table puts each of ours beside llama.cpp (int8 beside Q8_0)
