@@ -15,7 +15,7 @@ number of later forward passes divided by their time. Each row is timed over --r
 memory roofline is the fastest a decode step can be: bytes of weights read per token / the read
 bandwidth measured here.
 
-    OMP_NUM_THREADS=2 python bench.py                       # about 8 minutes on 2 cores
+    OMP_NUM_THREADS=2 python bench.py                       # a few minutes on 2 cores
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
     python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
@@ -210,6 +210,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: each row needs at least one timed run, e.g. --repeats 3")
     if args.threads:
         torch.set_num_threads(args.threads)
     forced = forced_capability()

@@ -1665,6 +1665,14 @@ def test_bench_keeps_the_median_prefill_and_the_median_decode_of_a_rows_runs():
     assert bench.median_run(runs[:2]) == (200.0, 8.0, "tokens 2")
 
 
+def test_bench_refuses_fewer_than_one_timed_run_per_row(monkeypatch, capsys):
+    bench = import_bench()
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--repeats 0: each row needs at least one timed run" in capsys.readouterr().err
+
+
 def test_bench_gives_runs_with_forced_kernels_a_compile_cache_of_their_own(monkeypatch, tmp_path):
     bench = import_bench()
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
