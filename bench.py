@@ -113,18 +113,17 @@ def median_run(runs):
     return (statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs), runs[-1][2])
 
 
-# Each *_row function sets an implementation up (building, compiling, warming up) and returns a
-# function that times one generation as (prefill tokens/s, decode tokens/s, new tokens).
+# Each *_row function sets an implementation up and returns a function that times one generation
+# as (prefill tokens/s, decode tokens/s, new tokens); add() runs it once to warm up, then times it.
 
 def ours_row(model, ids, compile=False):
     """Ours, timed by the loop itself (hooks inside a compiled model would break its graph)."""
     def measure():
         timings = {}
         tokens = q.generate_text_basic_cache(model, ids, NEW_TOKENS, compile=compile, timings=timings)
-        return PROMPT_TOKENS / timings["prefill_s"], (timings["new_tokens"] - 1) / timings["decode_s"], tokens.reshape(-1)
+        decode = (timings["new_tokens"] - 1) / timings["decode_s"]
+        return PROMPT_TOKENS / timings["prefill_s"], decode, tokens.reshape(-1)
 
-    if compile:
-        measure()  # the first run compiles
     return measure
 
 
@@ -154,7 +153,6 @@ def transformers_row(state, cfg, ids, compile=False):
     def static(new_tokens):
         return generate(new_tokens, cache_implementation="static", compile_config=compile_config)
 
-    static(NEW_TOKENS)  # the first run compiles
     return lambda: timed_by_length(static, ids.device)
 
 
@@ -168,8 +166,8 @@ def book_row(state, cfg, ids, compile=False):
         return lambda: timed(model, lambda: ch02.generate_text_basic_cache(model, ids, NEW_TOKENS))
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     compiled = torch.compile(model)
-    ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS)  # the first run compiles
-    return lambda: timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))  # hooks outside the graph
+    # the hooks go on the compiled wrapper, outside the graph
+    return lambda: timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))
 
 
 def forced_capability():
@@ -237,7 +235,10 @@ def main():
     rows = []
 
     def add(name, weights_model, measure):
-        """A row: measure() timed args.repeats times, the median kept, every run's figures printed."""
+        """A row: measure() run once to warm up (compiling, building oneDNN's kernels for each shape, loading
+        a GPU's), as llama-bench keeps its warm-up run out of its figures; then timed args.repeats times,
+        the median kept, every run's figures printed."""
+        measure()
         runs = [measure() for _ in range(args.repeats)]
         prefill, decode, tokens = median_run(runs)
         per_token = q.weight_bytes_per_token(weights_model)
@@ -257,10 +258,8 @@ def main():
     model32 = copy.deepcopy(model).float()
     model32.cfg = {**cfg, "dtype": torch.float32}
     int8 = q.quantize_int8(copy.deepcopy(model)) if int8_too else None
-    # A first run loads a GPU's kernels and builds oneDNN's for each shape on a CPU; keep that out of
-    # the rows, as llama-bench keeps its warm-up run out of its figures. (After the copies above: the
-    # run lays out the bfloat16 weights for their kernels, which the float32 copy should not inherit.)
-    q.generate_text_basic_cache(model, ids, 4)
+    # (After the copies above: the first run lays out the bfloat16 weights for their kernels, which the
+    # float32 copy should not inherit.)
     add("ours bfloat16", model, ours_row(model, ids))
     add("ours float32", model32, ours_row(model32, ids))
     del model32

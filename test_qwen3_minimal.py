@@ -1665,6 +1665,27 @@ def test_bench_keeps_the_median_prefill_and_the_median_decode_of_a_rows_runs():
     assert bench.median_run(runs[:2]) == (200.0, 8.0, "tokens 2")
 
 
+def test_bench_warms_every_row_up_once_before_timing_it(tmp_path, monkeypatch):
+    bench = import_bench()
+    calls, ours_row = {}, bench.ours_row
+
+    def counted_row(model, ids, compile=False):
+        measure, key = ours_row(model, ids, compile), (model.tok_emb.weight.dtype, type(model.out_head).__name__)
+
+        def counted():
+            calls[key] = calls.get(key, 0) + 1
+            return measure()
+        return counted
+
+    monkeypatch.setattr(bench, "ours_row", counted_row)
+    monkeypatch.setattr(bench, "importlib", types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None)))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "2", "--json", str(tmp_path / "out.json")])
+    bench.main()
+    assert sorted(calls.values()) == [3, 3, 3]  # bfloat16, float32, int8: one warm-up and two timed runs each
+    assert all(len(row["runs"]) == 2 for row in json.loads((tmp_path / "out.json").read_text())["rows"])
+
+
 def test_bench_refuses_fewer_than_one_timed_run_per_row(monkeypatch, capsys):
     bench = import_bench()
     monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "0"])
