@@ -266,10 +266,12 @@ def main():
     if int8_too:
         add("ours int8", int8, ours_row(int8, ids))
     del int8
-    if args.compile:
-        for name, compiled in [("ours bfloat16 compiled", copy.deepcopy(model)),
-                               ("ours int8 compiled", q.quantize_int8(copy.deepcopy(model)))][:2 if int8_too else 1]:
-            add(name, compiled, ours_row(compiled, ids, compile=True))
+    if args.compile:  # each compiled copy made when its row comes, the int8 one only where int8 runs
+        compiled = copy.deepcopy(model)
+        add("ours bfloat16 compiled", compiled, ours_row(compiled, ids, compile=True))
+        if int8_too:
+            compiled = q.quantize_int8(copy.deepcopy(model))
+            add("ours int8 compiled", compiled, ours_row(compiled, ids, compile=True))
         del compiled
     state = model.state_dict()
     transformers, book = importlib.util.find_spec("transformers"), importlib.util.find_spec("reasoning_from_scratch")
