@@ -18,8 +18,8 @@ Read it top to bottom, in the chapter's order:
   5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5)
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
-  7. speed and memory       beyond the chapter: the fast loop, kernel choices and the
-                            weights' layout, torch.compile and CUDA graphs, the speed
+  7. speed and memory       beyond the chapter: FastGenerator (prefill, decode_one_token,
+                            torch.compile), float32 products, kernel choices, the speed
                             report, int8 weights
   8. the command line       `python qwen3_minimal.py --help`
   9. appendix               downloading robustly (retries, resuming, checksums)
@@ -222,28 +222,11 @@ class Qwen3Tokenizer:
 # norm and a linear output head. Each block is "pre-norm": it normalizes its input before
 # attention and before the feedforward, and adds each result back to its input. That running sum,
 # which flows from the embedding through every block to the head, is the "residual stream".
-# We build what a block needs first: a linear layer, RMSNorm, rotary position embeddings (RoPE),
-# the KV cache that attention writes to, grouped-query attention and the SwiGLU feedforward.
+# We build what a block needs first: RMSNorm, rotary position embeddings (RoPE), the KV cache
+# that attention writes to, grouped-query attention and the SwiGLU feedforward.
 # Shape letters mean the same everywhere: b = batch size, T = tokens fed in this call,
 # S = positions attention can see (cached ones plus the T new ones).
 # =============================================================================================
-
-
-class Linear(nn.Linear):
-    """nn.Linear without a bias, plus one speed choice explained in section 7 (FLOAT32_PROMPTS):
-    on a CPU without bfloat16 arithmetic, a prompt's products with bfloat16 weights run in
-    float32. Printed, saved and loaded, it is an nn.Linear."""
-
-    def __init__(self, in_features, out_features, dtype=None):
-        super().__init__(in_features, out_features, bias=False, dtype=dtype)
-
-    def forward(self, x):                                     # (b, T, in) -> (b, T, out)
-        if (FLOAT32_PROMPTS and x.shape[-2] > 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)):  # training would keep the copies
-            # 4096 output rows at a time, so that the float32 copy of a weight stays small
-            x = x.float()
-            return torch.cat([F.linear(x, rows.float()) for rows in self.weight.split(4096)], dim=-1).bfloat16()
-        return F.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -259,7 +242,6 @@ class RMSNorm(nn.Module):
         input_dtype = x.dtype
         x = x.to(torch.float32)  # squares of bfloat16 values lose too much precision
         # x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps), in one fused kernel
-        # (five operations fewer, four norms per block: it matters for one-token steps)
         x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         # As in transformers: cast back first, then multiply by the scale in the model's dtype.
         # (The book's RMSNorm multiplies in float32 and casts after; in bfloat16 that rounds
@@ -295,14 +277,14 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
 
 
 def apply_rope(x, cos, sin, offset=0):
-    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1. offset is
-    an int, or a tensor of the T positions (section 7's CUDA-graph step, whose inputs are tensors)."""
+    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1, where row
+    p of cos and sin holds position p. (Qwen3Model.forward hands over the rows of the new
+    positions already, so there offset stays 0.)"""
     T, head_dim = x.shape[2], x.shape[3]
-    positions = offset if torch.is_tensor(offset) else slice(offset, offset + T)
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
-    cos = cos[positions].to(x.dtype)  # (T, head_dim), broadcast over b and heads
-    sin = sin[positions].to(x.dtype)
+    cos = cos[offset:offset + T].to(x.dtype)  # (T, head_dim), broadcast over b and heads
+    sin = sin[offset:offset + T].to(x.dtype)
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -314,23 +296,20 @@ class KVCache:
 
     Generating token t+1 needs the keys and values of tokens 1..t. Without a cache the model
     recomputes all of them for every new token; with one it computes only the new token's and
-    reads the rest back. The methods get, update, get_all and reset are the book's protocol:
-    Qwen3Model works with any object that has them (update_kv_cache, right below, shows how).
+    reads the rest back. get, update, get_all and reset are the book's protocol, and Qwen3Model
+    works with any cache that has them (update_kv_cache, right below).
 
-    Beyond the book: with this class the new entries are written by index into buffers that are
-    allocated once (the same idea as gpt-fast's static cache), instead of copying every cached
-    key into a longer tensor each step. Give max_len, the most positions a generation needs, to
-    allocate them all at the first write; without it the buffers grow as needed. Sizes are rounded
-    up to a multiple of 256 positions: few reallocations (each one copies), and generations of
-    similar lengths give torch.compile the same shapes. reset() keeps the buffers for the next
-    sequence, so a cache kept between generations keeps its memory addresses (CUDA graphs replay
-    at the addresses they recorded: section 7).
+    Beyond the book, a "static" cache as in gpt-fast: append() writes the new entries by index
+    into buffers allocated once, instead of copying every cached key into a longer tensor at each
+    step. Give max_len, the most positions a sequence will need, to allocate it all at the first
+    write; without it the buffers grow as needed, in steps of 256 positions (each growth copies
+    what is held). reset() forgets the entries and keeps the buffers for the next sequence.
     """
 
     def __init__(self, n_layers, max_len=None):
         self.max_len = max_len
-        self.cache = [None] * n_layers     # per layer: None, or (keys, values) so far
-        self._buffers = [None] * n_layers  # per layer: the (keys, values) buffers the entries view
+        self.cache = [None] * n_layers    # per layer: None, or (keys, values) so far
+        self.buffers = [None] * n_layers  # per layer: the (keys, values) buffers those are views of
 
     def get(self, layer_idx):
         return self.cache[layer_idx]
@@ -342,52 +321,36 @@ class KVCache:
         return self.cache
 
     def reset(self):
-        """Forget everything, for a new sequence (the buffers stay allocated, to be written over)."""
         self.cache = [None] * len(self.cache)
 
-    def append(self, layer_idx, keys, values, start_pos):
-        """Write a layer's new keys and values, (b, kv_heads, T, head_dim), at positions
-        start_pos.. and return all of them so far, (b, kv_heads, S, head_dim) with S = start_pos + T.
-        Section 7's CUDA-graph step gives start_pos as a tensor (1,) and gets the whole buffers back."""
-        buffers = self._buffers[layer_idx]
-        if torch.is_tensor(start_pos):  # the same shapes at every position: write by index, return it all
-            buffers[0].index_copy_(2, start_pos, keys)
-            buffers[1].index_copy_(2, start_pos, values)
-            return buffers              # (b, kv_heads, capacity, head_dim), attention masks what lies ahead
-        end = start_pos + keys.shape[2]
-        if self.cache[layer_idx] is None and start_pos > 0:
-            raise ValueError(f"the KV cache is empty but the model stands at position {start_pos}: begin each "
-                             f"new sequence with model.reset_kv_cache()")
-        fits = (buffers is not None and buffers[0].shape[2] >= end and buffers[0].shape[:2] == keys.shape[:2]
-                and (buffers[0].dtype, buffers[0].device) == (keys.dtype, keys.device))
-        if not fits:
+    def append(self, layer_idx, keys, values):
+        """Write a layer's new keys and values, (b, kv_heads, T, head_dim), after the S0 it holds
+        and return all of them, (b, kv_heads, S0 + T, head_dim): views of the buffers."""
+        held = self.cache[layer_idx]
+        start = 0 if held is None else held[0].shape[2]
+        end = start + keys.shape[2]
+        buffers = self.buffers[layer_idx]
+        if (buffers is None or buffers[0].shape[2] < end or buffers[0].shape[:2] != keys.shape[:2]
+                or buffers[0].dtype != keys.dtype or buffers[0].device != keys.device):
             capacity = -(-max(end, self.max_len or 0) // 256) * 256  # rounded up to a multiple of 256
-            # Zeros, not left uninitialised: the CUDA-graph step reads positions not written yet (masked
-            # out, but a weight of 0 times a NaN left in memory is still NaN).
-            new_buffers = tuple(keys.new_zeros(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
-            if start_pos > 0:
-                new_buffers[0][:, :, :start_pos] = buffers[0][:, :, :start_pos]
-                new_buffers[1][:, :, :start_pos] = buffers[1][:, :, :start_pos]
-            self._buffers[layer_idx] = buffers = new_buffers
-        buffers[0][:, :, start_pos:end] = keys
-        buffers[1][:, :, start_pos:end] = values
+            buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
+            if held is not None:  # what the old buffers held (or what update() stored) moves along
+                buffers[0][:, :, :start], buffers[1][:, :, :start] = held
+            self.buffers[layer_idx] = buffers
+        buffers[0][:, :, start:end] = keys
+        buffers[1][:, :, start:end] = values
         self.cache[layer_idx] = (buffers[0][:, :, :end], buffers[1][:, :, :end])
         return self.cache[layer_idx]
 
 
-def update_kv_cache(cache, layer_idx, keys, values, start_pos):
-    """Add a layer's new keys and values (b, kv_heads, T, head_dim), which belong at positions
-    start_pos.., to the cache and return all keys and values so far, (b, kv_heads, S, head_dim)."""
+def update_kv_cache(cache, layer_idx, keys, values):
+    """Add a layer's new keys and values (b, kv_heads, T, head_dim) to the cache and return all
+    the layer's keys and values so far, (b, kv_heads, S, head_dim)."""
     if isinstance(cache, KVCache):
-        return cache.append(layer_idx, keys, values, start_pos)  # ours: written in place
-    cached = cache.get(layer_idx)                                 # any other (the book's): grow by copying
-    if (0 if cached is None else cached[0].shape[2]) != start_pos:
-        raise ValueError(f"the KV cache holds {cached[0].shape[2] if cached else 0} positions but the model "
-                         f"stands at position {start_pos}: begin each new sequence with a fresh (or reset) "
-                         f"cache and model.reset_kv_cache()")
-    if cached is not None:
-        keys = torch.cat([cached[0], keys], dim=2)
-        values = torch.cat([cached[1], values], dim=2)
+        return cache.append(layer_idx, keys, values)  # written in place
+    held = cache.get(layer_idx)                       # the book's KVCache: grown by concatenation
+    if held is not None:
+        keys, values = torch.cat([held[0], keys], dim=2), torch.cat([held[1], values], dim=2)
     cache.update(layer_idx, (keys, values))
     return keys, values
 
@@ -412,15 +375,16 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads, self.num_kv_groups, self.head_dim = num_heads, num_kv_groups, head_dim
         self.group_size = num_heads // num_kv_groups
         self.d_out = num_heads * head_dim
-        self.W_query = Linear(d_in, self.d_out, dtype=dtype)
-        self.W_key = Linear(d_in, num_kv_groups * head_dim, dtype=dtype)
-        self.W_value = Linear(d_in, num_kv_groups * head_dim, dtype=dtype)
-        self.out_proj = Linear(self.d_out, d_in, dtype=dtype)
+        self.W_query = nn.Linear(d_in, self.d_out, bias=False, dtype=dtype)
+        self.W_key = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
+        self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
+        self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
         # Every Qwen3 model uses QK-norm; the config flag is kept for the book's config dicts.
         self.q_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None, layer_idx=0):
+    def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
+        """mask: (T, S), True where a new token may see a position; cos, sin: (T, head_dim)."""
         b, T, _ = x.shape
         queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)
         keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)
@@ -430,38 +394,27 @@ class GroupedQueryAttention(nn.Module):
         queries = self.q_norm(queries).transpose(1, 2)  # (b, num_heads, T, head_dim)
         keys = self.k_norm(keys).transpose(1, 2)        # (b, num_kv_groups, T, head_dim)
         values = values.transpose(1, 2)                 # (b, num_kv_groups, T, head_dim)
-        queries = apply_rope(queries, cos, sin, offset=start_pos)
-        keys = apply_rope(keys, cos, sin, offset=start_pos)
+        queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
         if cache is not None:  # attend to every position so far, not only the new ones
-            keys, values = update_kv_cache(cache, layer_idx, keys, values, start_pos)  # (b, num_kv_groups, S, head_dim)
+            keys, values = update_kv_cache(cache, layer_idx, keys, values)  # (b, num_kv_groups, S, head_dim)
         S = keys.shape[2]
 
-        if not self.fused:
-            # The plain idea. Each kv head serves group_size query heads: repeat it for them.
+        if self.fused:
+            # Each kv head serves the group_size query heads of its group. Rather than copying it
+            # for each, fold the group's query heads into the rows of one attention call: query
+            # head g*group_size + j, token t becomes row j*T + t of group g, and the mask repeats
+            # for each j. (enable_gqa=True says the same in one flag, but copies the kv heads.)
+            grouped = queries.reshape(b, self.num_kv_groups, self.group_size * T, self.head_dim)
+            context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask.repeat(self.group_size, 1))
+            context = context.view(b, self.num_heads, T, self.head_dim)
+        else:
+            # The plain idea, as the book writes it: repeat each kv head for its query heads.
             keys = keys.repeat_interleave(self.group_size, dim=1)      # (b, num_heads, S, head_dim)
             values = values.repeat_interleave(self.group_size, dim=1)
             scores = queries @ keys.transpose(2, 3) * self.head_dim ** -0.5  # (b, num_heads, T, S)
-            # New token i sits at position start_pos + i and may not see positions after it.
-            future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(diagonal=start_pos + 1)
-            scores = scores.masked_fill(future, -torch.inf)
+            scores = scores.masked_fill(~mask, -torch.inf)               # no peeking at later tokens
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
             context = weights @ values                                   # (b, num_heads, T, head_dim)
-        elif T == 1:
-            # Decoding one token: it may see every position, so no mask is needed, except in the
-            # CUDA-graph step (section 7), whose keys span the whole cache: there it sees positions
-            # up to its own. The query heads of a group are folded into the "tokens" axis, which
-            # lets them share their kv head without copying it (faster than enable_gqa on CPUs).
-            visible = torch.arange(S, device=x.device) <= start_pos[:, None] if torch.is_tensor(start_pos) else None
-            grouped = queries.reshape(b, self.num_kv_groups, self.group_size, self.head_dim)
-            context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)  # visible: (1, S)
-            context = context.reshape(b, self.num_heads, 1, self.head_dim)
-        elif start_pos == 0:
-            # The prompt: token i sees tokens 0..i.
-            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=True)
-        else:
-            # New tokens after cached ones, with the plain path's mask, inverted (True = visible).
-            visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
         context = context.transpose(1, 2).reshape(b, T, self.d_out)
         return self.out_proj(context)                   # (b, T, d_in)
 
@@ -472,9 +425,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.fc1 = Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"])
-        self.fc2 = Linear(cfg["emb_dim"], cfg["hidden_dim"], dtype=cfg["dtype"])
-        self.fc3 = Linear(cfg["hidden_dim"], cfg["emb_dim"], dtype=cfg["dtype"])
+        self.fc1 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc2 = nn.Linear(cfg["emb_dim"], cfg["hidden_dim"], bias=False, dtype=cfg["dtype"])
+        self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], bias=False, dtype=cfg["dtype"])
 
     def forward(self, x):
         return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))  # (b, T, emb_dim) via (b, T, hidden_dim)
@@ -492,8 +445,8 @@ class TransformerBlock(nn.Module):
         self.norm1 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
         self.norm2 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None, layer_idx=0):
-        x = x + self.att(self.norm1(x), cos, sin, start_pos, cache, layer_idx)
+    def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
+        x = x + self.att(self.norm1(x), mask, cos, sin, cache, layer_idx)
         x = x + self.ff(self.norm2(x))
         return x
 
@@ -502,8 +455,10 @@ class TransformerBlock(nn.Module):
 # 4. The model and its configs
 # Qwen3Model stacks the parts: token ids -> embeddings -> n_layers blocks -> final norm ->
 # output head -> one score (logit) per vocabulary entry for every position (figure 2.11).
-# The small models (0.6B, 1.7B, 4B) tie the output head to the embedding: one matrix serves
-# both, so printing the model shows out_head, but its weight is tok_emb's weight.
+# The output head maps the residual stream back to the vocabulary, as the embedding maps the
+# vocabulary into it. Official checkpoints of the small models (0.6B, 1.7B, 4B) tie the two:
+# one matrix serves both. The book's configs and .pth files keep them as two matrices (equal
+# at the start), and later chapters train them apart; the config's "tie_word_embeddings" says which.
 # =============================================================================================
 
 
@@ -521,9 +476,9 @@ class Qwen3Model(nn.Module):
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
-        self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], dtype=cfg["dtype"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
         if cfg.get("tie_word_embeddings", False):
-            self.out_head.weight = self.tok_emb.weight
+            self.out_head.weight = self.tok_emb.weight  # one Parameter, printed under both names
 
         # RoPE tables are computed, not learned, so they are not saved with the weights. Build
         # them on the CPU even when the weights are created on the "meta" device for loading
@@ -534,12 +489,6 @@ class Qwen3Model(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         self.cfg = cfg
         self.current_pos = 0  # positions the KV cache holds: where the next token goes
-
-        # A tied model's state dict names the shared matrix twice (tok_emb.weight and
-        # out_head.weight, as the book's .pth files do): see _load_tied_head.
-        self.register_load_state_dict_pre_hook(self._load_tied_head)
-        self.register_load_state_dict_post_hook(self._keep_tied_head)
-        self._tied_head_key = None
 
     def reset_kv_cache(self):
         """Start a new sequence: the next cached call begins at position 0 (with a fresh or
@@ -558,48 +507,31 @@ class Qwen3Model(nn.Module):
         if end_pos > self.cfg["context_length"]:
             raise ValueError(f"{end_pos} tokens exceed the model's context length of "
                              f"{self.cfg['context_length']}: shorten the input")
+        held = cache.get(0) if cache is not None else None
+        if (0 if held is None else held[0].shape[2]) != start_pos:
+            raise ValueError(f"the KV cache holds {held[0].shape[2] if held else 0} positions but the model "
+                             f"stands at position {start_pos}: begin each new sequence with a fresh (or reset) "
+                             f"cache and model.reset_kv_cache()")
+
+        # The new tokens sit at positions start_pos .. end_pos - 1 and see every position up to
+        # their own: cached ones, themselves and the new ones before them (figure 2.8's mask).
+        positions = torch.arange(start_pos, end_pos, device=in_idx.device)
+        mask = torch.arange(end_pos, device=in_idx.device) <= positions[:, None]  # (T, S), True = visible
+        cos, sin = self.cos[start_pos:end_pos], self.sin[start_pos:end_pos]       # (T, head_dim)
 
         x = self.tok_emb(in_idx)                                 # (b, T, emb_dim)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, self.cos, self.sin, start_pos, cache, i)
+            x = block(x, mask, cos, sin, cache, i)
         if cache is not None:
             self.current_pos = end_pos
         if last_only:
             x = x[:, -1:]                                        # (b, 1, emb_dim)
         return self.out_head(self.final_norm(x))                 # (b, T, vocab_size)
 
-    @property
-    def head_is_tied(self):
-        """True when the output head and the embedding are one matrix."""
-        return self.out_head.weight is self.tok_emb.weight
-
-    def _load_tied_head(self, module, state_dict, prefix, *args):
-        """Load a tied model's shared matrix once; a file whose head differs from its embedding
-        (later chapters train them apart) unties the head and loads both."""
-        self._tied_head_key = None
-        if not self.head_is_tied:
-            return
-        if state_dict_has_tied_head(state_dict, prefix):
-            state_dict.pop(prefix + "out_head.weight", None)
-            self._tied_head_key = prefix + "out_head.weight"
-        else:
-            self.out_head.weight = nn.Parameter(torch.empty_like(self.tok_emb.weight))
-
-    def _keep_tied_head(self, module, incompatible_keys):
-        if self._tied_head_key is not None:
-            if self._tied_head_key in incompatible_keys.missing_keys:
-                incompatible_keys.missing_keys.remove(self._tied_head_key)
-            self.out_head.weight = self.tok_emb.weight  # load_state_dict(assign=True) replaced it
-
-
-def state_dict_has_tied_head(state, prefix=""):
-    """A state dict (in the book's names) is tied when it has no separate head or its head equals
-    its embedding. The one place that decides it, for loading and for reading configs."""
-    head, embedding = state.get(prefix + "out_head.weight"), state.get(prefix + "tok_emb.weight")
-    return head is None or embedding is None or torch.equal(head, embedding)
-
 
 # The book's config dicts, one comment per key. "n_kv_groups" is the number of key/value heads.
+# Like the book's, they keep the output head apart from the embedding (no "tie_word_embeddings"),
+# so that a model built from them trains as the book's does.
 QWEN_CONFIG_06_B = {
     "vocab_size": 151_936,        # Vocabulary size (151,669 used tokens, padded)
     "context_length": 40_960,     # Longest sequence the model was trained for
@@ -612,16 +544,12 @@ QWEN_CONFIG_06_B = {
     "n_kv_groups": 8,             # Number of key/value heads in grouped-query attention
     "rope_base": 1_000_000.0,     # RoPE's base "theta"
     "dtype": torch.bfloat16,      # Weights' dtype: half the memory of float32
-    "tie_word_embeddings": True,  # Output head shares the embedding matrix
 }
 QWEN3_CONFIG_1_7B = {**QWEN_CONFIG_06_B, "emb_dim": 2048, "hidden_dim": 6144}
 QWEN3_CONFIG_4B = {**QWEN_CONFIG_06_B, "emb_dim": 2560, "n_heads": 32, "n_layers": 36, "hidden_dim": 9728}
-QWEN3_CONFIG_8B = {**QWEN_CONFIG_06_B, "emb_dim": 4096, "n_heads": 32, "n_layers": 36, "hidden_dim": 12288,
-                   "tie_word_embeddings": False}
-QWEN3_CONFIG_14B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 40, "n_layers": 40, "hidden_dim": 17408,
-                    "tie_word_embeddings": False}
-QWEN3_CONFIG_32B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 64, "n_layers": 64, "hidden_dim": 25600,
-                    "tie_word_embeddings": False}
+QWEN3_CONFIG_8B = {**QWEN_CONFIG_06_B, "emb_dim": 4096, "n_heads": 32, "n_layers": 36, "hidden_dim": 12288}
+QWEN3_CONFIG_14B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 40, "n_layers": 40, "hidden_dim": 17408}
+QWEN3_CONFIG_32B = {**QWEN_CONFIG_06_B, "emb_dim": 5120, "n_heads": 64, "n_layers": 64, "hidden_dim": 25600}
 
 
 def qwen3_config_from_hf(config):
@@ -831,23 +759,38 @@ def load_qwen3(path, device=None, dtype=None):
         raise ValueError(f"{path} is neither a checkpoint folder (config.json + safetensors) nor a .pth file")
     cfg["dtype"] = dtype or cfg["dtype"]
 
+    # The output head: a file that stores none ties it to the embedding (official checkpoints of
+    # the small models); the book's .pth files store both, and so get two matrices, as in the book.
+    cfg["tie_word_embeddings"] = "out_head.weight" not in state
+    if cfg["tie_word_embeddings"] and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
     with torch.device("meta"):
         model = Qwen3Model(cfg)
     _check_checkpoint(model, state, path)
-    model.load_state_dict({name: tensor.to(cfg["dtype"]) for name, tensor in state.items()}, assign=True)
+    state = {name: tensor.to(cfg["dtype"]) for name, tensor in state.items()}
+    if not cfg["tie_word_embeddings"] and state["out_head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr():
+        state["out_head.weight"] = state["out_head.weight"].clone()  # saved from a tied model: train them apart
+    model.load_state_dict(state, assign=True)
+    if cfg["tie_word_embeddings"]:
+        model.out_head.weight = model.tok_emb.weight  # assign=True gave each name a Parameter of its own
     return model.to(device).eval() if device is not None else model.eval()
 
 
 def load_hf_weights_into_qwen(model, param_config, params):
-    """Load official weights {transformers name: tensor} into a Qwen3Model, as the book's
-    appendix does; `param_config` is the model's config dict. Nothing is loaded unless every
-    tensor fits."""
+    """Copy official weights {transformers name: tensor} into a Qwen3Model, as the book's
+    appendix does: into the model's own tensors, in the model's dtype. `param_config` is the
+    model's config dict. Without "lm_head.weight" the head is tied to the embedding, as there.
+    Nothing is copied unless every tensor fits."""
     if param_config["n_layers"] != model.cfg["n_layers"]:
         raise ValueError(f"param_config has {param_config['n_layers']} layers, the model "
                          f"{model.cfg['n_layers']}: build the model from the same config")
     state = {hf_to_book_name(name) or f"(unknown) {name}": tensor for name, tensor in params.items()}
+    if "out_head.weight" not in state and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
     _check_checkpoint(model, state, "the given weights")
-    model.load_state_dict(state, assign=model.tok_emb.weight.is_meta)
+    if "lm_head.weight" not in params:
+        model.out_head.weight = model.tok_emb.weight
+    model.load_state_dict(state)
     return model
 
 
@@ -863,8 +806,7 @@ def _config_from_book_state_dict(state, path):
                 "n_heads": state["trf_blocks.0.att.W_query.weight"].shape[0] // head_dim,
                 "n_kv_groups": state["trf_blocks.0.att.W_key.weight"].shape[0] // head_dim,
                 "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0],
-                "dtype": state["tok_emb.weight"].dtype,
-                "tie_word_embeddings": state_dict_has_tied_head(state)}
+                "dtype": state["tok_emb.weight"].dtype}
     except (KeyError, AttributeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a Qwen3 state dict in the book's names "
                          f"(cannot read its sizes: {type(exc).__name__} {exc})") from None
@@ -891,8 +833,6 @@ def _read_official_checkpoint(folder):
 def _check_checkpoint(model, state, path):
     """Refuse a checkpoint that does not fit the model, before anything is loaded."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    if model.head_is_tied and "out_head.weight" not in state:
-        del expected["out_head.weight"]  # a tied head may be stored once, as the embedding
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{name} is {tuple(state[name].shape)}, the config wants {tuple(shape)}"
@@ -917,8 +857,8 @@ def _check_checkpoint(model, state, path):
 # 2.12), append it, repeat. With a KV cache (section 2.8) only the first call reads the whole
 # prompt (the "prefill"); each later call feeds just the newest token. The loops below are the
 # chapter's, as running code, for any model that follows the book's protocol (model.cfg,
-# model.reset_kv_cache(), model(ids, cache=...)); our own Qwen3Model takes the faster loop of
-# section 7, which gives the same tokens.
+# model.reset_kv_cache(), model(ids, cache=...)): the book's model, ours, or ours compiled with
+# torch.compile as in section 2.9. Section 7's FastGenerator runs the same loop faster.
 # =============================================================================================
 
 
@@ -982,24 +922,15 @@ def is_eos(next_token, eos_token_id):
     return bool(torch.isin(next_token, torch.tensor(eos_token_id, device=next_token.device)).all())
 
 
-def is_our_model(model):
-    """Our Qwen3Model, also inside torch.compile's wrapper: it takes section 7's fast loop."""
-    return isinstance(getattr(model, "_orig_mod", model), Qwen3Model)
-
-
 @torch.inference_mode()
-def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=None, **sampling):
     """Yield new tokens (b, 1) one by one, running the model on the whole sequence each step.
-    options: temperature, top_k, top_p (see sample_next_token); with our model also compile
-    and timings (see generate_tokens)."""
-    if is_our_model(model):
-        yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=False, **options)
-        return
+    sampling: temperature, top_k, top_p (see sample_next_token; default: greedy)."""
     check_generation_args(model, token_ids, max_new_tokens)
     model.eval()
     for _ in range(max_new_tokens):
         logits = model(token_ids)[:, -1]                       # (b, vocab_size): the last position
-        next_token = sample_next_token(logits, **options)      # (b, 1)
+        next_token = sample_next_token(logits, **sampling)     # (b, 1)
         if is_eos(next_token, eos_token_id):
             break
         yield next_token
@@ -1007,34 +938,31 @@ def generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id=No
 
 
 @torch.inference_mode()
-def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+def generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id=None, **sampling):
     """Yield new tokens (b, 1) one by one, feeding the model only the newest token after the
-    prompt: everything before it is in the KV cache (section 2.8). Options as above."""
-    if is_our_model(model):
-        yield from generate_tokens(model, token_ids, max_new_tokens, eos_token_id, use_cache=True, **options)
-        return
+    prompt: everything before it is in the KV cache (section 2.8). Sampling as above."""
     check_generation_args(model, token_ids, max_new_tokens)
     model.eval()
     cache = KVCache(n_layers=model.cfg["n_layers"])
     model.reset_kv_cache()
     logits = model(token_ids, cache=cache)[:, -1]              # the prompt: fills the cache
     for _ in range(max_new_tokens):
-        next_token = sample_next_token(logits, **options)
+        next_token = sample_next_token(logits, **sampling)
         if is_eos(next_token, eos_token_id):
             break
         yield next_token
         logits = model(next_token, cache=cache)[:, -1]         # one new position
 
 
-def generate_text_basic(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+def generate_text_basic(model, token_ids, max_new_tokens, eos_token_id=None, **sampling):
     """Return the new tokens, (b, n), generated without a cache."""
-    tokens = generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id, **options)
+    tokens = generate_text_basic_stream(model, token_ids, max_new_tokens, eos_token_id, **sampling)
     return concat_new_tokens(list(tokens), token_ids)
 
 
-def generate_text_basic_cache(model, token_ids, max_new_tokens, eos_token_id=None, **options):
+def generate_text_basic_cache(model, token_ids, max_new_tokens, eos_token_id=None, **sampling):
     """Return the new tokens, (b, n), generated with a KV cache."""
-    tokens = generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id, **options)
+    tokens = generate_text_basic_stream_cache(model, token_ids, max_new_tokens, eos_token_id, **sampling)
     return concat_new_tokens(list(tokens), token_ids)
 
 
@@ -1061,13 +989,18 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 
 # =============================================================================================
 # 7. Speed and memory, beyond the chapter
-# The chapter's loops are right but leave speed on the table. For our own model, generate_tokens
-# below runs the same loop with what fast implementations (gpt-fast, llama.cpp) do: a KV cache
-# allocated once for the whole generation, the output head computed for the last position only,
-# the fastest kernel for each kind of step (with the weights laid out for it), and optionally
-# torch.compile (on a GPU with CUDA graphs). Then come the speed report of the command line and
-# int8 weights. The README's "Performance" section has the measurements, per kind of CPU and GPU,
-# behind each choice.
+# The chapter's loops are right but leave speed on the table. FastGenerator runs the same cached
+# loop with what fast implementations do, each step named where the loop uses it:
+#   - the caller holds the state that speed keeps between calls, as gpt-fast's caller holds its
+#     caches: one KVCache, allocated at the first prompt for every position it needs, and the
+#     decode step, through torch.compile if asked (gpt-fast: decode = torch.compile(decode_one_token));
+#   - prefill() runs the prompt and decode_one_token() each new token, with the output head
+#     computed for the last position only (for 0.6B the head is a quarter of all weights);
+#   - float32_products(): on CPUs without bfloat16 arithmetic, the prompt's products in float32;
+#   - fastest_kernels(): the kernel PyTorch picks for each kind of step.
+# The model is used as it is: no weight, attribute or global setting is left changed. Then come
+# the speed report of the command line and int8 weights (quantize_int8, a module swap that
+# print(model) shows). The README's "Performance" section has the measurements behind each choice.
 #
 # Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
 # arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
@@ -1088,107 +1021,28 @@ def cpu_has_bfloat16_arithmetic(cpuinfo=None):
 
 
 # Where the CPU lacks bfloat16 arithmetic, PyTorch emulates it, and a prompt's matrix products with
-# bfloat16 weights run several times slower than the same products in float32. So on such a CPU,
-# Linear (section 3) converts the weights to float32 for each product of many tokens: the weights
-# stay bfloat16 in memory, and converting costs much less than the emulation. One-token steps are
-# limited by reading memory, not by arithmetic, and keep reading bfloat16. Tests set this to False
-# to prove the plain bfloat16 path against transformers on every CPU.
+# bfloat16 weights run several times slower than the same products in float32. There, prefill()
+# runs the prompt inside float32_products(). One-token steps are limited by reading memory, not by
+# arithmetic, and keep reading bfloat16.
 FLOAT32_PROMPTS = not cpu_has_bfloat16_arithmetic()
 
-# The weights' layout in memory. nn.Linear stores a weight as (out_features, in_features), the
-# weights of one output after another: "output-major". A decode step multiplies each weight matrix
-# by one vector. On AVX-512 CPUs without bfloat16 arithmetic, oneDNN (see fastest_kernels) does
-# that faster (the README's figures) for the same matrix stored the other way round, the weights of
-# one input after another: "input-major", the memory of weight.t().contiguous(). The tensor keeps
-# its shape (out_features, in_features) and its values; only its strides change, so the chapter's
-# code, state dicts and everything else see the same weights. On CPUs with bfloat16 arithmetic,
-# PyTorch's own kernel is faster still but needs output-major weights; on AVX2 CPUs oneDNN has no
-# bfloat16 kernels at all: both keep the layout they were given.
-INPUT_MAJOR_WEIGHTS = (FLOAT32_PROMPTS and torch.backends.mkldnn.is_available()
-                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
+class float32_products(torch.overrides.TorchFunctionMode):
+    """`with float32_products():` every matrix product of several bfloat16 rows on a CPU
+    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16. The weights stay
+    bfloat16 in memory: each is converted for its product, 4096 output rows at a time so that
+    the float32 copy stays small, and converting costs much less than the emulation. The mode
+    sees every torch call made inside the block, and leaves all but those products alone."""
 
-def arrange_weights(model):
-    """Store the model's bfloat16 Linear weights on the CPU input-major where INPUT_MAJOR_WEIGHTS
-    says that pays. Values, shapes and the tied head stay as they were; a second call does nothing.
-    torch.save keeps the layout; safetensors wants tensor.contiguous() first."""
-    if not INPUT_MAJOR_WEIGHTS:
-        return
-    for module in model.modules():
-        weight = module.weight if isinstance(module, nn.Linear) else None  # a tied head is the embedding's
-        if weight is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" \
-                and weight.stride(1) == 1:  # output-major: one row of in_features after another
-            # Made outside inference mode, so that the model can still be trained after generating
-            with torch.inference_mode(False):
-                weight.data = weight.data.t().contiguous().t()  # still (out, in): now one column after another
-
-
-@torch.inference_mode()
-def generate_tokens(model, token_ids, max_new_tokens, eos_token_id=None, use_cache=True, temperature=0.0,
-                    top_k=None, top_p=None, compile=False, timings=None):
-    """The chapter's loop for our Qwen3Model, made fast: yield up to max_new_tokens new token ids,
-    each of shape (b, 1), the same ones the chapter's loops give.
-
-    Args:
-        token_ids: the prompt, (b, T).
-        eos_token_id: an id or a list of ids; generation stops when every row of the batch
-            produced one at the same step (it is not yielded).
-        use_cache: keep keys and values in a KVCache (fast) or recompute them every step.
-        temperature, top_k, top_p: sampling, see sample_next_token (default: greedy).
-        compile: run the model through torch.compile (see compile_model); with the cache, each
-            decode step is one compiled decode_step (a CUDA graph on a GPU).
-        timings: a dict to fill with prompt_tokens, prefill_s, new_tokens, decode_s.
-    """
-    check_generation_args(model, token_ids, max_new_tokens)
-    model.eval()
-    prompt_len = token_ids.shape[1]
-    weights_dtype = model.tok_emb.weight.dtype
-    arrange_weights(model)  # before compiling: the compiled code is specialised to the layout
-    compiled_steps = compile and use_cache  # each new token through the compiled decode_step
-    forward = compile_model(model) if compile and not use_cache else model
-    # Allocated once, for every position this generation can reach. Compiled, one cache is kept with
-    # the model for every generation: a CUDA graph replays its writes at the addresses it recorded.
-    cache = KVCache(model.cfg["n_layers"], max_len=prompt_len + max_new_tokens) if use_cache else None
-    if compiled_steps:
-        cache = model.__dict__.setdefault("kept_kv_cache", cache)  # a plain attribute, not saved
-        cache.max_len = prompt_len + max_new_tokens
-        cache.reset()
-    model.reset_kv_cache()
-    start = time.perf_counter()
-
-    # Only the last position's scores pick the next token, so the model computes the output head
-    # for that position alone (last_only): for 0.6B the head is a quarter of all weights. The prompt
-    # runs eagerly even with compile: its big matrix products gain little from compiling, and
-    # the compiler then sees one kind of step with the cache already allocated.
-    with fastest_kernels(prompt_len, weights_dtype):
-        logits = model(token_ids, cache=cache, last_only=True)[:, -1]     # (b, vocab_size)
-    if compiled_steps:  # the position as a tensor: see decode_step
-        decode = compile_decode_step(model, cache)
-        position = torch.tensor([prompt_len], device=token_ids.device)
-    for step in range(max_new_tokens):
-        next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
-        if timings is not None:
-            _synchronize(token_ids.device)
-            if step == 0:
-                timings.update(prompt_tokens=prompt_len, prefill_s=time.perf_counter() - start, new_tokens=0)
-            timings.update(new_tokens=step + 1, decode_s=time.perf_counter() - start - timings["prefill_s"])
-        if is_eos(next_token, eos_token_id):
-            break
-        yield next_token
-        if step == max_new_tokens - 1:
-            break  # no forward pass for a token nobody asks for
-        if compiled_steps:
-            with fastest_kernels(1, weights_dtype):
-                logits = decode(model, next_token, position, cache)
-            position += 1
-            model.current_pos += 1
-        elif use_cache:  # the new token alone: everything before it is in the cache
-            with fastest_kernels(1, weights_dtype):
-                logits = forward(next_token, cache=cache, last_only=True)[:, -1]
-        else:            # the whole sequence again, as in figure 2.10
-            token_ids = torch.cat([token_ids, next_token], dim=1)
-            with fastest_kernels(token_ids.shape[1], weights_dtype):
-                logits = forward(token_ids, last_only=True)[:, -1]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and not kwargs and len(args) == 2:
+            x, weight = args
+            if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > x.shape[-1]:
+                x = x.float()                                                  # (..., in_features)
+                pieces = [F.linear(x, rows.float()) for rows in weight.split(4096)]
+                return torch.cat(pieces, dim=-1).bfloat16()                    # (..., out_features)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -1197,10 +1051,8 @@ def fastest_kernels(new_tokens, dtype):
 
     CPU: oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many
     CPU operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one
-    vector PyTorch's native kernel streams the weights faster on CPUs with bfloat16 arithmetic
-    (the README's "Performance" section has the figures). So oneDNN is switched off for one-token
-    steps of bfloat16 weights, except where the weights are input-major for it (INPUT_MAJOR_WEIGHTS).
-    Prompts keep it.
+    vector PyTorch's native kernel streams the weights faster (the README's "Performance"
+    section has the figures). So oneDNN is switched off for one-token steps of bfloat16 weights.
 
     GPU: PyTorch prefers cuDNN's attention kernel on some GPUs (Hopper: H100, H200), and cuDNN
     builds a plan for every new sequence length before it runs, which takes far longer than the
@@ -1208,7 +1060,7 @@ def fastest_kernels(new_tokens, dtype):
     and scaled_dot_product_attention takes its next choice (FlashAttention).
     """
     onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.mkldnn.enabled = onednn and (INPUT_MAJOR_WEIGHTS or new_tokens > 1 or dtype != torch.bfloat16)
+    torch.backends.mkldnn.enabled = onednn and (new_tokens > 1 or dtype != torch.bfloat16)
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         yield
@@ -1217,30 +1069,90 @@ def fastest_kernels(new_tokens, dtype):
         torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
+def prefill(model, token_ids, cache, float32_prompts=FLOAT32_PROMPTS):
+    """The prompt (b, T) through the model, filling the cache: the scores of its last position,
+    (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly."""
+    products = float32_products() if float32_prompts else contextlib.nullcontext()
+    with products, fastest_kernels(token_ids.shape[1], model.tok_emb.weight.dtype):
+        return model(token_ids, cache=cache, last_only=True)[:, -1]
+
+
+def decode_one_token(model, token, cache):
+    """One new token (b, 1) through the model, after the positions in the cache: its scores,
+    (b, vocab_size). The step that torch.compile compiles."""
+    return model(token, cache=cache, last_only=True)[:, -1]
+
+
+class FastGenerator:
+    """The chapter's cached loop for our Qwen3Model, made fast; the same tokens as the chapter's.
+
+        generator = FastGenerator(model, compile=True)   # held by the caller, reused across calls
+        new_tokens = generator.generate(token_ids, max_new_tokens=64)
+
+    compile: run decode_one_token through torch.compile (section 2.9), compiled at the first
+    call and kept here for the later ones. float32_prompts: run prompts inside
+    float32_products() (default: where the CPU lacks bfloat16 arithmetic).
+    """
+
+    def __init__(self, model, compile=False, float32_prompts=FLOAT32_PROMPTS):
+        self.model, self.float32_prompts = model, float32_prompts
+        self.cache = KVCache(n_layers=model.cfg["n_layers"])
+        # model.current_pos as an input of the compiled step, not a constant of it (section 2.9)
+        settings = functools.partial(torch._dynamo.config.patch, allow_unspec_int_on_nn_module=True)
+        self.decode = compiled_or_eager(decode_one_token, settings) if compile else decode_one_token
+
+    @torch.inference_mode()
+    def stream(self, token_ids, max_new_tokens, eos_token_id=None, temperature=0.0, top_k=None, top_p=None,
+               timings=None):
+        """Yield up to max_new_tokens new token ids, each of shape (b, 1).
+
+        eos_token_id: an id or a list of ids; generation stops when every row of the batch
+        produced one at the same step (it is not yielded). temperature, top_k, top_p: sampling,
+        see sample_next_token (default: greedy). timings: a dict to fill with prompt_tokens,
+        prefill_s, new_tokens, decode_s.
+        """
+        model = self.model
+        check_generation_args(model, token_ids, max_new_tokens)
+        self.cache.max_len = token_ids.shape[1] + max_new_tokens  # allocated once, for every position
+        self.cache.reset()
+        model.reset_kv_cache()
+        start = time.perf_counter()
+        logits = prefill(model, token_ids, self.cache, self.float32_prompts)  # (b, vocab_size)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
+            if timings is not None:
+                _synchronize(token_ids.device)
+                if step == 0:
+                    timings.update(prompt_tokens=token_ids.shape[1], prefill_s=time.perf_counter() - start)
+                timings.update(new_tokens=step + 1, decode_s=time.perf_counter() - start - timings["prefill_s"])
+            if is_eos(next_token, eos_token_id):
+                break
+            yield next_token
+            if step == max_new_tokens - 1:
+                break  # no forward pass for a token nobody asks for
+            with fastest_kernels(1, model.tok_emb.weight.dtype):
+                logits = self.decode(model, next_token, self.cache)
+
+    def generate(self, token_ids, max_new_tokens, eos_token_id=None, **options):
+        """Return the new tokens, (b, n); options as for stream()."""
+        return concat_new_tokens(list(self.stream(token_ids, max_new_tokens, eos_token_id, **options)), token_ids)
+
+
 def _synchronize(device):
     """Wait for the accelerator to finish (its work runs asynchronously), so timings are true."""
     if device.type in ("cuda", "mps", "xpu"):
         getattr(torch, device.type).synchronize()
 
 
-def compile_model(model):
-    """The model's forward through torch.compile, made once per model (section 2.9).
+def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
+    """function through torch.compile(function, **options), run under the context settings() makes;
+    or, once compiling failed, function itself.
 
-    torch.compile turns the forward pass into fused kernels, which removes most of Python's and
+    torch.compile turns a function into fused kernels, which removes most of Python's and
     PyTorch's per-operation overhead. It needs a working C compiler and Python headers on a CPU
     (and Triton on a GPU); where compiling fails, we warn once and keep running eagerly. The
     failure comes while compiling, before the step runs, so the KV cache is still as it was.
     """
-    if "compiled_forward" not in model.__dict__:
-        # model.current_pos as an input of the graph, not a constant of it (as in section 2.9)
-        settings = functools.partial(torch._dynamo.config.patch, allow_unspec_int_on_nn_module=True)
-        model.compiled_forward = compiled_or_eager(model, settings)  # a plain attribute: not a submodule, not saved
-    return model.compiled_forward
-
-
-def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
-    """function through torch.compile(function, **options), run under the context settings() makes;
-    or, once compiling failed, function itself."""
     compiled = torch.compile(function, **options)
 
     def run(*args, **kwargs):
@@ -1259,37 +1171,9 @@ def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
     return run
 
 
-# CUDA graphs. On a GPU, a decode step of a small model is a few hundred small kernels, each done
-# before Python and PyTorch have launched the next: launching, not the GPU, sets the speed (the
-# README's GPU figures). A CUDA graph records the kernels of a step once and replays them all with
-# one launch (torch.compile's mode="reduce-overhead"). But it replays the same kernels on the same
-# memory addresses, so every step must look alike: the position comes in as a tensor, not as a
-# Python int, and attention reads the whole preallocated cache with a mask instead of a slice that
-# grows by one each step (gpt-fast does the same). On a CPU the same compiled step runs without a
-# graph, about as fast as a compiled Qwen3Model (the README's figures), so every device takes it.
-def decode_step(model, token, position, cache):
-    """Qwen3Model.forward for one new token (b, 1) at `position`, a tensor (1,), through a KVCache
-    whose buffers hold every position already: logits (b, vocab_size). The same shapes at every step."""
-    x = model.tok_emb(token)                                      # (b, 1, emb_dim)
-    for i, block in enumerate(model.trf_blocks):
-        x = block(x, model.cos, model.sin, position, cache, i)  # writes the cache at `position`
-    return model.out_head(model.final_norm(x))[:, -1]            # (b, vocab_size)
-
-
-def compile_decode_step(model, cache):
-    """decode_step compiled for CUDA graphs, made once per model, with the cache's buffers marked as
-    fixed addresses (a graph may then write into them; other inputs it copies in at every replay)."""
-    for buffers in cache._buffers:
-        for buffer in buffers:
-            torch._dynamo.mark_static_address(buffer)
-    if "compiled_decode_step" not in model.__dict__:
-        model.compiled_decode_step = compiled_or_eager(decode_step, mode="reduce-overhead")
-    return model.compiled_decode_step
-
-
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
     """Print, and return as a dict, what the command line shows after a generation: time, tokens
-    per second and, with generate_tokens' timings, time to first token (the prefill) and decode
+    per second and, with FastGenerator's timings, time to first token (the prefill) and decode
     speed; with the model, the memory bandwidth decoding achieved (weight bytes per token x
     tokens/s, to compare with the roofline); and peak memory."""
     total_s = end_time - start_time
@@ -1321,7 +1205,7 @@ def weight_bytes_per_token(model):
     embedding table, of which it reads one row (unless the table doubles as the output head),
     and the RoPE tables, of which it reads one row each."""
     skip = {model.cos.data_ptr(), model.sin.data_ptr()}
-    if not model.head_is_tied:
+    if model.out_head.weight is not model.tok_emb.weight:
         skip.add(model.tok_emb.weight.data_ptr())
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.data_ptr() not in skip}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -1351,7 +1235,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        weight = linear.weight.detach().float().contiguous()  # output-major, whatever arrange_weights did
+        weight = linear.weight.detach().float()  # (out_features, in_features)
         # round the scales to the weights' dtype first, then quantize with the scales in use
         scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(linear.weight.dtype)  # (out_features,)
         self.register_buffer("weight", torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8))
@@ -1365,9 +1249,9 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
             # The plain idea, which also suits prompts (compute-bound, where that kernel is slow):
-            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale, in float32 where bfloat16 is emulated
-            compute = torch.float32 if FLOAT32_PROMPTS and x.device.type == "cpu" else x.dtype
-            out = (F.linear(rows.to(compute), self.weight.to(compute)) * self.scales.to(compute)).to(x.dtype)
+            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale. Inside float32_products() the
+            # product runs in float32 like every other.
+            out = F.linear(rows, self.weight.to(rows.dtype)) * self.scales
         return out.view(*x.shape[:-1], self.out_features)                      # (b, T, out_features)
 
     def extra_repr(self):
@@ -1466,14 +1350,13 @@ def load_model_and_tokenizer(args, device):
     return load_qwen3(path, device, dtype), Qwen3Tokenizer(path / "tokenizer.json")
 
 
-def stream_reply(model, tokenizer, token_ids, args, max_new_tokens):
+def stream_reply(generator, tokenizer, token_ids, args, max_new_tokens):
     """Generate, print the text as it comes (a model's thinking set apart from its answer), and
     return the new token ids with the timings."""
     timings, new_tokens = {}, []
     eos = tokenizer.eos_token_ids if tokenizer else None
-    tokens = generate_text_basic_stream_cache(
-        model, token_ids, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, compile=args.compile, timings=timings)
+    tokens = generator.stream(token_ids, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, timings=timings)
     decode = tokenizer.stream_decoder() if tokenizer else (lambda token: f" {int(token)}")
     dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for token in tokens:
@@ -1484,7 +1367,7 @@ def stream_reply(model, tokenizer, token_ids, args, max_new_tokens):
     return concat_new_tokens(new_tokens, token_ids), timings
 
 
-def chat(model, tokenizer, args, device):
+def chat(generator, tokenizer, args, device):
     """A multi-turn chat: the whole conversation is re-encoded with the chat template each turn."""
     print(f"Chat with Qwen3, thinking {'off' if args.no_think else 'on'}. An empty line or Ctrl-D ends it.")
     messages = []
@@ -1499,7 +1382,7 @@ def chat(model, tokenizer, args, device):
         prompt = tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
         token_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         print("qwen> ", end="")
-        reply, _ = stream_reply(model, tokenizer, token_ids, args, args.max_new_tokens or 2048)
+        reply, _ = stream_reply(generator, tokenizer, token_ids, args, args.max_new_tokens or 2048)
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
         print()
 
@@ -1514,10 +1397,11 @@ def main(argv=None):
         model, tokenizer = load_model_and_tokenizer(args, device)
         if args.int8:
             quantize_int8(model)
+        generator = FastGenerator(model, compile=args.compile)  # kept for every turn of a chat
         if args.chat:
             if tokenizer is None:
                 raise ValueError("--chat needs a tokenizer: run once without --random-weights to download it")
-            return chat(model, tokenizer, args, device)
+            return chat(generator, tokenizer, args, device)
         torch.manual_seed(args.seed)
         is_chat_model = tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
         prompt = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -1527,7 +1411,7 @@ def main(argv=None):
             print("(no tokenizer downloaded yet: the prompt's bytes stand in for tokens, ids are printed)")
         print(prompt, end="", flush=True)
         start = time.perf_counter()
-        new_tokens, timings = stream_reply(model, tokenizer, torch.tensor([ids], device=device), args,
+        new_tokens, timings = stream_reply(generator, tokenizer, torch.tensor([ids], device=device), args,
                                            args.max_new_tokens or 128)
         speed_report(new_tokens, start, time.perf_counter(), timings, model)
     except (DownloadError, OSError, ValueError) as exc:
