@@ -1173,6 +1173,18 @@ def test_our_generate_functions_drive_any_model_with_the_books_protocol():
     assert q.generate_text_basic_cache(StandIn(), ids, 2, temperature=1.0, top_k=1).tolist() == [[6, 7]]
 
 
+def test_a_stand_in_module_without_cfg_runs_through_the_plain_loop_greedily():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.Linear(16, 40))  # (b, T) -> (b, T, 40)
+    assert not hasattr(model, "cfg")  # as the book's tests write their stand-ins
+    ids = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    expected = ids
+    with torch.no_grad():
+        for _ in range(5):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(q.generate_text_basic(model, ids, 5), expected[:, 3:])
+
+
 def test_generate_stats_prints_what_the_books_prints_and_returns_nothing(capsys, monkeypatch):
     tokens = torch.zeros(1, 50, dtype=torch.long)
     assert q.generate_stats(tokens, None, 10.0, 12.5) is None
