@@ -1595,7 +1595,10 @@ def download_file(url, out_dir=".", backup_url=None, retries=5):
         if backup_url is None or "disk is full" in str(exc):
             raise
         print(f"{url} failed ({exc}).\nTrying the backup URL {backup_url} ...")
-        return _download_with_retries(backup_url, dest, retries)
+        try:
+            return _download_with_retries(backup_url, dest, retries)
+        except DownloadError as backup_exc:  # the first cause first: the backup's alone would hide it
+            raise DownloadError(f"{exc}; the backup also failed: {backup_exc}", status=exc.status) from backup_exc
 
 
 def _download_with_retries(url, dest, retries):

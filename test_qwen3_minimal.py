@@ -2282,8 +2282,24 @@ def test_the_books_mirror_is_tried_when_the_hub_fails(hub, tmp_path, capsys):
     q.download_qwen3_small(kind="base", tokenizer_only=True, out_dir=tmp_path)
     assert (tmp_path / "tokenizer-base.json").read_bytes() == b'{"from": "mirror"}'
     assert "Trying the backup URL" in capsys.readouterr().out
-    with pytest.raises(q.DownloadError, match="does not exist \\(404\\)"):  # both fail: the mirror's error
+    with pytest.raises(q.DownloadError, match="does not exist \\(404\\).*; the backup also failed"):  # both fail
         q.download_qwen3_small(kind="reasoning", tokenizer_only=True, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fault, first_error, status", [
+    (None, "/resolve/main/f.pth does not exist \\(404\\)", 404),
+    ("bad_sha", "/resolve/main/f.pth arrived corrupted", None)])
+def test_when_the_backup_fails_too_the_error_names_both_failures_first_cause_first(hub, tmp_path, monkeypatch,
+                                                                                    fault, first_error, status):
+    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
+    if fault:
+        hub.add("rasbt/x", "f.pth", os.urandom(1000), lfs=True)
+        hub.faults["rasbt/x/f.pth"] = fault
+    with pytest.raises(q.DownloadError, match=f"{first_error}.*; the backup also failed: cannot reach "
+                                              f"127.0.0.1:9 for http://127.0.0.1:9/mirror/f.pth") as error:
+        q.download_file(q.hub_url("rasbt/x", "f.pth"), tmp_path, backup_url="http://127.0.0.1:9/mirror/f.pth",
+                        retries=1)
+    assert error.value.status == status  # the first failure's: a 404 from the hub stays a 404
 
 
 def test_the_hf_cache_lookup_needs_every_shard_and_follows_hf_home(tmp_path, monkeypatch):
