@@ -256,6 +256,18 @@ CONVERSATIONS = {
     "assistant_after_last_user_without_thinking": [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "assistant", "content": "<think>\nmore\n</think>\n\nAnything else?"}],
+    "reasoning_content_given_before_and_after_the_last_user_turn": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "\nAdd them.\n"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "\n6", "reasoning_content": "Add again."}],
+    "reasoning_content_none_falls_back_to_the_think_block": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "<think>\nPick one.\n</think>\n\nBlue.", "reasoning_content": None}],
+    "thinking_after_the_last_user_turn_in_an_assistant_turn_that_is_not_the_last": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\nGreet back.\n</think>\n\nHello!"},
+        {"role": "assistant", "content": "Anything else?"}],
 }
 
 
