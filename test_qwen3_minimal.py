@@ -2122,6 +2122,15 @@ def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identic
     assert not list(tmp_path.glob("*.incomplete"))
 
 
+def test_a_small_file_resumes_from_its_partial_file_with_the_size_from_content_length(hub, tmp_path):
+    data = os.urandom(300_000)
+    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)  # a small file: no X-Linked-Size, only Content-Length
+    (tmp_path / "tokenizer.json.incomplete").write_bytes(data[:100_000])  # an earlier run stopped here
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
+    assert hub.log == [("/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json", "bytes=100000-")]  # 206, the rest only
+    assert not list(tmp_path.glob("*.incomplete"))
+
+
 def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
     data = os.urandom(1 << 20)
     hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
