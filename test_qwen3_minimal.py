@@ -1054,6 +1054,27 @@ def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
     assert torch.equal(logits_of(q.load_qwen3(folder)), logits_of(source))
 
 
+def test_download_qwen3_of_another_revision_is_never_served_from_the_cached_main(hub, tmp_path, monkeypatch):
+    source = random_model(tiny_config(tie_word_embeddings=True))
+    folder = write_official_checkpoint(tmp_path / "src", source)
+    repo = "Qwen/Qwen3-Tiny"
+    for name in ("config.json", "model.safetensors"):
+        hub.add(repo, name, (folder / name).read_bytes(), lfs=name.endswith(".safetensors"))
+    hub.add(repo, "generation_config.json", b"{}")
+    hub.add(repo, "tokenizer.json", qwen_style_tokenizer_json().encode())
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen3-Tiny" / "snapshots" / "abc123"  # main, complete
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (snapshot / name).write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert q.download_qwen3(repo, tmp_path / "main") == snapshot  # main is served from the cache
+    path = q.download_qwen3(repo, tmp_path / "v1", revision="v1")
+    assert path == tmp_path / "v1" and hub.log and all("/resolve/v1/" in p for p, _ in hub.log if "/storage/" not in p)
+    assert torch.equal(logits_of(q.load_qwen3(path)), logits_of(source))
+
+
 def test_a_safetensors_header_that_is_not_an_object_is_a_clear_error(tmp_path):
     (tmp_path / "list.safetensors").write_bytes(_safetensors_bytes([1, 2], b""))
     with pytest.raises(ValueError, match="list.safetensors is not a valid safetensors file: its header is a JSON "
