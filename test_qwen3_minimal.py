@@ -2361,6 +2361,19 @@ def test_the_hf_cache_lookup_needs_every_shard_and_follows_hf_home(tmp_path, mon
     assert q.hf_cache_snapshot("Qwen/Qwen3-8B", revision="v2") is None
 
 
+def test_a_cached_snapshot_without_its_tokenizer_is_not_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "model.safetensors"):  # a run that fetched only what transformers' model needs
+        (snapshot / name).write_text("{}")
+    assert q.hf_cache_snapshot("Qwen/Qwen3-0.6B") is None  # so download_qwen3 fetches the repo instead
+    (snapshot / "tokenizer.json").write_text("{}")
+    assert q.hf_cache_snapshot("Qwen/Qwen3-0.6B") == snapshot
+
+
 # =============================================================================================
 # 10. The chapter's snippets and the README's, run as a reader runs them
 # The real 0.6B weights cannot be downloaded here: random weights in the same file layout and
