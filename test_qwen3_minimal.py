@@ -1218,6 +1218,14 @@ def test_a_stand_in_module_without_cfg_runs_through_the_plain_loop_greedily():
     assert torch.equal(q.generate_text_basic(model, ids, 5), expected[:, 3:])
 
 
+def test_a_batch_stops_only_when_every_row_ends_at_the_same_step():
+    ids = torch.tensor([[3], [5]])  # StandIn writes previous + 1
+    for generate in (q.generate_text_basic, q.generate_text_basic_cache):
+        # Row 1 ends at step 3 (8) but row 0 has not: both go on. At step 5 both end (8 and 10): stop.
+        assert generate(StandIn(), ids, 10, eos_token_id=[8, 10]).tolist() == [[4, 5, 6, 7], [6, 7, 8, 9]]
+        assert generate(StandIn(), ids, 6, eos_token_id=8).tolist() == [[4, 5, 6, 7, 8, 9], [6, 7, 8, 9, 10, 11]]
+
+
 def test_generate_stats_prints_what_the_books_prints_and_returns_nothing(capsys, monkeypatch):
     tokens = torch.zeros(1, 50, dtype=torch.long)
     assert q.generate_stats(tokens, None, 10.0, 12.5) is None
