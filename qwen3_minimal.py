@@ -944,9 +944,11 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth_best, -torch.inf)  # ties with the k-th stay in
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens before it already hold more than top_p of the mass
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        # stable: tied tokens keep the lower id first, whatever the sort kernel
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        # chapter 4's rule: a token stays while the tokens before it hold less than top_p of the
+        # mass, so the first always stays and an exact tie at top_p is dropped
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, num_samples=1)
 

@@ -1295,6 +1295,31 @@ def test_top_k_and_top_p_edge_cases():
     assert seen == [{0, 1}, {3, 4}]  # each row keeps its own smallest set reaching 0.75
 
 
+def test_top_p_keeps_a_token_only_while_the_mass_before_it_is_below_top_p():
+    torch.manual_seed(0)
+    draws = q.sample_next_token(torch.zeros(4000, 2), 1.0, top_p=0.5)  # [0.5, 0.5]: 0.5 before the second
+    assert draws.unique().tolist() == [0]  # the first-sorted token alone, as the book keeps it
+
+
+@needs_book_package
+def test_top_p_keeps_the_same_tokens_as_the_books_top_p_filter(monkeypatch):
+    from reasoning_from_scratch.ch04 import top_p_filter
+
+    kept, real_multinomial = [], torch.multinomial
+
+    def multinomial(probs, **options):  # sees the probabilities left after the filter
+        kept.append(probs > 0)
+        return real_multinomial(probs, **options)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    logits = 2 * torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    for top_p in (0.3, 0.5, 0.8, 0.95):
+        q.sample_next_token(logits, 1.0, top_p=top_p)
+        expected = top_p_filter(torch.softmax(logits, dim=-1), top_p) > 0
+        assert torch.equal(kept.pop(), expected)
+        assert 1 < expected.sum() < expected.numel()  # the filter kept some tokens and dropped others
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_uncached_and_plain_loops_give_the_same_tokens(dtype):
     model = peaked_model(dtype=dtype)
