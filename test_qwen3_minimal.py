@@ -260,6 +260,18 @@ CONVERSATIONS = {
     "assistant_after_last_user_without_thinking": [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "assistant", "content": "<think>\nmore\n</think>\n\nAnything else?"}],
+    "reasoning_content_given_before_and_after_the_last_user_turn": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "\nAdd them.\n"},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "\n6", "reasoning_content": "Add again."}],
+    "reasoning_content_none_falls_back_to_the_think_block": [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "<think>\nPick one.\n</think>\n\nBlue.", "reasoning_content": None}],
+    "thinking_after_the_last_user_turn_in_an_assistant_turn_that_is_not_the_last": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\nGreet back.\n</think>\n\nHello!"},
+        {"role": "assistant", "content": "Anything else?"}],
 }
 
 
@@ -1050,6 +1062,27 @@ def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
     assert torch.equal(logits_of(q.load_qwen3(folder)), logits_of(source))
 
 
+def test_download_qwen3_of_another_revision_is_never_served_from_the_cached_main(hub, tmp_path, monkeypatch):
+    source = random_model(tiny_config(tie_word_embeddings=True))
+    folder = write_official_checkpoint(tmp_path / "src", source)
+    repo = "Qwen/Qwen3-Tiny"
+    for name in ("config.json", "model.safetensors"):
+        hub.add(repo, name, (folder / name).read_bytes(), lfs=name.endswith(".safetensors"))
+    hub.add(repo, "generation_config.json", b"{}")
+    hub.add(repo, "tokenizer.json", qwen_style_tokenizer_json().encode())
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen3-Tiny" / "snapshots" / "abc123"  # main, complete
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (snapshot / name).write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert q.download_qwen3(repo, tmp_path / "main") == snapshot  # main is served from the cache
+    path = q.download_qwen3(repo, tmp_path / "v1", revision="v1")
+    assert path == tmp_path / "v1" and hub.log and all("/resolve/v1/" in p for p, _ in hub.log if "/storage/" not in p)
+    assert torch.equal(logits_of(q.load_qwen3(path)), logits_of(source))
+
+
 def test_a_safetensors_header_that_is_not_an_object_is_a_clear_error(tmp_path):
     (tmp_path / "list.safetensors").write_bytes(_safetensors_bytes([1, 2], b""))
     with pytest.raises(ValueError, match="list.safetensors is not a valid safetensors file: its header is a JSON "
@@ -1181,6 +1214,26 @@ def test_our_generate_functions_drive_any_model_with_the_books_protocol():
     assert q.generate_text_basic_cache(StandIn(), ids, 2, temperature=1.0, top_k=1).tolist() == [[6, 7]]
 
 
+def test_a_stand_in_module_without_cfg_runs_through_the_plain_loop_greedily():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.Linear(16, 40))  # (b, T) -> (b, T, 40)
+    assert not hasattr(model, "cfg")  # as the book's tests write their stand-ins
+    ids = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    expected = ids
+    with torch.no_grad():
+        for _ in range(5):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(q.generate_text_basic(model, ids, 5), expected[:, 3:])
+
+
+def test_a_batch_stops_only_when_every_row_ends_at_the_same_step():
+    ids = torch.tensor([[3], [5]])  # StandIn writes previous + 1
+    for generate in (q.generate_text_basic, q.generate_text_basic_cache):
+        # Row 1 ends at step 3 (8) but row 0 has not: both go on. At step 5 both end (8 and 10): stop.
+        assert generate(StandIn(), ids, 10, eos_token_id=[8, 10]).tolist() == [[4, 5, 6, 7], [6, 7, 8, 9]]
+        assert generate(StandIn(), ids, 6, eos_token_id=8).tolist() == [[4, 5, 6, 7, 8, 9], [6, 7, 8, 9, 10, 11]]
+
+
 def test_generate_stats_prints_what_the_books_prints_and_returns_nothing(capsys, monkeypatch):
     tokens = torch.zeros(1, 50, dtype=torch.long)
     assert q.generate_stats(tokens, None, 10.0, 12.5) is None
@@ -1248,6 +1301,31 @@ def test_top_k_and_top_p_edge_cases():
         for row, token in enumerate(q.sample_next_token(batch, 1.0, top_p=0.75).view(-1).tolist()):
             seen[row].add(token)
     assert seen == [{0, 1}, {3, 4}]  # each row keeps its own smallest set reaching 0.75
+
+
+def test_top_p_keeps_a_token_only_while_the_mass_before_it_is_below_top_p():
+    torch.manual_seed(0)
+    draws = q.sample_next_token(torch.zeros(4000, 2), 1.0, top_p=0.5)  # [0.5, 0.5]: 0.5 before the second
+    assert draws.unique().tolist() == [0]  # the first-sorted token alone, as the book keeps it
+
+
+@needs_book_package
+def test_top_p_keeps_the_same_tokens_as_the_books_top_p_filter(monkeypatch):
+    from reasoning_from_scratch.ch04 import top_p_filter
+
+    kept, real_multinomial = [], torch.multinomial
+
+    def multinomial(probs, **options):  # sees the probabilities left after the filter
+        kept.append(probs > 0)
+        return real_multinomial(probs, **options)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    logits = 2 * torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    for top_p in (0.3, 0.5, 0.8, 0.95):
+        q.sample_next_token(logits, 1.0, top_p=top_p)
+        expected = top_p_filter(torch.softmax(logits, dim=-1), top_p) > 0
+        assert torch.equal(kept.pop(), expected)
+        assert 1 < expected.sum() < expected.numel()  # the filter kept some tokens and dropped others
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -2110,6 +2188,15 @@ def test_dropped_connection_resumes_with_a_range_request_and_the_file_is_identic
     assert not list(tmp_path.glob("*.incomplete"))
 
 
+def test_a_small_file_resumes_from_its_partial_file_with_the_size_from_content_length(hub, tmp_path):
+    data = os.urandom(300_000)
+    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)  # a small file: no X-Linked-Size, only Content-Length
+    (tmp_path / "tokenizer.json.incomplete").write_bytes(data[:100_000])  # an earlier run stopped here
+    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
+    assert hub.log == [("/Qwen/Qwen3-0.6B/resolve/main/tokenizer.json", "bytes=100000-")]  # 206, the rest only
+    assert not list(tmp_path.glob("*.incomplete"))
+
+
 def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
     data = os.urandom(1 << 20)
     hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
@@ -2282,8 +2369,24 @@ def test_the_books_mirror_is_tried_when_the_hub_fails(hub, tmp_path, capsys):
     q.download_qwen3_small(kind="base", tokenizer_only=True, out_dir=tmp_path)
     assert (tmp_path / "tokenizer-base.json").read_bytes() == b'{"from": "mirror"}'
     assert "Trying the backup URL" in capsys.readouterr().out
-    with pytest.raises(q.DownloadError, match="does not exist \\(404\\)"):  # both fail: the mirror's error
+    with pytest.raises(q.DownloadError, match="does not exist \\(404\\).*; the backup also failed"):  # both fail
         q.download_qwen3_small(kind="reasoning", tokenizer_only=True, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fault, first_error, status", [
+    (None, "/resolve/main/f.pth does not exist \\(404\\)", 404),
+    ("bad_sha", "/resolve/main/f.pth arrived corrupted", None)])
+def test_when_the_backup_fails_too_the_error_names_both_failures_first_cause_first(hub, tmp_path, monkeypatch,
+                                                                                    fault, first_error, status):
+    monkeypatch.setattr(q.time, "sleep", lambda seconds: None)
+    if fault:
+        hub.add("rasbt/x", "f.pth", os.urandom(1000), lfs=True)
+        hub.faults["rasbt/x/f.pth"] = fault
+    with pytest.raises(q.DownloadError, match=f"{first_error}.*; the backup also failed: cannot reach "
+                                              f"127.0.0.1:9 for http://127.0.0.1:9/mirror/f.pth") as error:
+        q.download_file(q.hub_url("rasbt/x", "f.pth"), tmp_path, backup_url="http://127.0.0.1:9/mirror/f.pth",
+                        retries=1)
+    assert error.value.status == status  # the first failure's: a 404 from the hub stays a 404
 
 
 def test_the_hf_cache_lookup_needs_every_shard_and_follows_hf_home(tmp_path, monkeypatch):
@@ -2301,6 +2404,19 @@ def test_the_hf_cache_lookup_needs_every_shard_and_follows_hf_home(tmp_path, mon
     (snapshot / "model-00002-of-00002.safetensors").write_text("{}")
     assert q.hf_cache_snapshot("Qwen/Qwen3-8B") == snapshot
     assert q.hf_cache_snapshot("Qwen/Qwen3-8B", revision="v2") is None
+
+
+def test_a_cached_snapshot_without_its_tokenizer_is_not_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "model.safetensors"):  # a run that fetched only what transformers' model needs
+        (snapshot / name).write_text("{}")
+    assert q.hf_cache_snapshot("Qwen/Qwen3-0.6B") is None  # so download_qwen3 fetches the repo instead
+    (snapshot / "tokenizer.json").write_text("{}")
+    assert q.hf_cache_snapshot("Qwen/Qwen3-0.6B") == snapshot
 
 
 # =============================================================================================
