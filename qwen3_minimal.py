@@ -1074,6 +1074,39 @@ def fastest_kernels(new_tokens, dtype):
         torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
+def _synchronize(device):
+    """Wait for the accelerator to finish (its work runs asynchronously), so timings are true."""
+    if device.type in ("cuda", "mps", "xpu"):
+        getattr(torch, device.type).synchronize()
+
+
+def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
+    """function through torch.compile(function, **options), run under the context settings() makes;
+    or, once compiling failed, function itself.
+
+    torch.compile turns a function into fused kernels, which removes most of Python's and
+    PyTorch's per-operation overhead. It needs a working C compiler and Python headers on a CPU
+    (and Triton on a GPU); where compiling fails, we warn once and keep running eagerly. The
+    failure comes while compiling, before the step runs, so the KV cache is still as it was.
+    """
+    compiled = torch.compile(function, **options)
+
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                with settings():
+                    return compiled(*args, **kwargs)
+            except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
+                reason = (str(exc).strip().splitlines() or [""])[0][:160]
+                warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
+                              stacklevel=2)
+                compiled = None
+        return function(*args, **kwargs)
+
+    return run
+
+
 def prefill(model, token_ids, cache, float32_prompts=FLOAT32_PROMPTS):
     """The prompt (b, T) through the model, filling the cache: the scores of its last position,
     (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly."""
@@ -1141,39 +1174,6 @@ class FastGenerator:
     def generate(self, token_ids, max_new_tokens, eos_token_id=None, **options):
         """Return the new tokens, (b, n); options as for stream()."""
         return concat_new_tokens(list(self.stream(token_ids, max_new_tokens, eos_token_id, **options)), token_ids)
-
-
-def _synchronize(device):
-    """Wait for the accelerator to finish (its work runs asynchronously), so timings are true."""
-    if device.type in ("cuda", "mps", "xpu"):
-        getattr(torch, device.type).synchronize()
-
-
-def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
-    """function through torch.compile(function, **options), run under the context settings() makes;
-    or, once compiling failed, function itself.
-
-    torch.compile turns a function into fused kernels, which removes most of Python's and
-    PyTorch's per-operation overhead. It needs a working C compiler and Python headers on a CPU
-    (and Triton on a GPU); where compiling fails, we warn once and keep running eagerly. The
-    failure comes while compiling, before the step runs, so the KV cache is still as it was.
-    """
-    compiled = torch.compile(function, **options)
-
-    def run(*args, **kwargs):
-        nonlocal compiled
-        if compiled is not None:
-            try:
-                with settings():
-                    return compiled(*args, **kwargs)
-            except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
-                reason = (str(exc).strip().splitlines() or [""])[0][:160]
-                warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
-                              stacklevel=2)
-                compiled = None
-        return function(*args, **kwargs)
-
-    return run
 
 
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
