@@ -2647,3 +2647,415 @@ def test_readme_commands_match_ci_and_the_script_metadata():
     requirements = [line for line in (HERE / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#") and not line.startswith("pytest")]
     assert dependencies == requirements
+
+
+# =============================================================================================
+# 11. After chapter 2: the book's later chapters drive our model as they drive the book's
+# Chapters 3 to 8 of the book generate, score, evaluate and train with functions of the book's
+# package (reasoning_from_scratch 0.2.0). Each test here calls such a function twice, from the
+# same seed with the same inputs: once with the book's model, once with ours holding the same
+# weights. Both must give the same tokens and texts, and the same log-probabilities, losses,
+# gradients and trained weights up to float32 rounding (ours fuses attention and RMSNorm, so its
+# sums run in another order). The models are tiny but keep the real vocabulary, so that the real
+# tokenizer's ids fit; nothing downloads, and every file is written into tmp_path.
+# =============================================================================================
+
+def later_chapters_config():
+    """A tiny Qwen3 in the book's keys, with the real vocabulary and without the key
+    tie_word_embeddings, which the book's configs lack: its model keeps out_head and tok_emb as
+    two parameters, and so must ours when it loads the book's weights."""
+    return {"vocab_size": 151_936, "context_length": 1024, "emb_dim": 8, "n_heads": 4, "n_layers": 2,
+            "hidden_dim": 16, "head_dim": 8, "qk_norm": True, "n_kv_groups": 2, "rope_base": 10_000.0,
+            "dtype": torch.float32}
+
+
+MATH_DATA = [{"problem": "What is 2 + 3?", "answer": "5"},
+             {"problem": "Compute $\\frac{1}{2} + \\frac{1}{6}$.", "answer": "\\frac{2}{3}"}]
+DISTILL_DATA = [{"problem": "What is 2 + 3?", "message_thinking": "Two plus three is five.",
+                 "message_content": "The answer is \\boxed{5}."},
+                {"problem": "What is 7 * 6?", "message_thinking": "Seven sixes: 42.",
+                 "message_content": "\\boxed{42}"},
+                {"problem": "Simplify 4/8.", "message_thinking": "Divide both by 4.",
+                 "message_content": "It is \\boxed{1/2}."}]
+
+
+def reward_by_length(answer_text, ground_truth):
+    """Stands in for chapter 6's reward_rlvr, which a random model never earns (it would have to
+    box the right answer), and equal rewards give zero advantages: no loss, no gradient. Answers'
+    lengths differ from rollout to rollout."""
+    return len(answer_text) / 100
+
+
+@pytest.fixture
+def chapters(monkeypatch, tmp_path):
+    """The book's package, chapters 2 to 8, run offline in tmp_path (a download fails the test),
+    with chapter 6's reward replaced by reward_by_length."""
+    pytest.importorskip("reasoning_from_scratch")
+    import requests
+
+    if importlib.util.find_spec("matplotlib") is None:  # chapters 7 and 8 import it, for plots only
+        pyplot = types.ModuleType("matplotlib.pyplot")
+        matplotlib = types.ModuleType("matplotlib")
+        matplotlib.pyplot = pyplot
+        monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+        monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+
+    def offline(url, *args, **kwargs):
+        raise AssertionError(f"the book's code tried to download {url}")
+
+    monkeypatch.setattr(requests, "get", offline)
+    monkeypatch.chdir(tmp_path)
+    book = types.SimpleNamespace(**{name: importlib.import_module(f"reasoning_from_scratch.{name}")
+                                    for name in ("qwen3", "ch02", "ch03", "ch04", "ch05", "ch06", "ch07", "ch08")})
+    monkeypatch.setattr(book.ch06, "reward_rlvr", reward_by_length)
+    return book
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    """The book's tokenizer on the real Qwen3 tokenizer.json (named tokenizer.json, so the book
+    takes <|im_end|> as its end-of-sequence token)."""
+    book_qwen3 = pytest.importorskip("reasoning_from_scratch.qwen3")
+    return book_qwen3.Qwen3Tokenizer(REAL_TOKENIZER)
+
+
+@pytest.fixture
+def models(chapters):
+    """(the book's model with seeded random weights, ours loaded with its state dict)."""
+    torch.manual_seed(123)
+    book = chapters.qwen3.Qwen3Model(later_chapters_config())
+    with torch.no_grad():
+        for param in book.parameters():
+            if param.ndim == 1:
+                param.copy_(1 + 0.2 * torch.randn(param.shape))  # norms of ones would hide a misplaced scale
+        book.out_head.weight.mul_(5)  # peaked next-token distributions, for top-p to cut
+    ours = q.Qwen3Model(later_chapters_config())
+    ours.load_state_dict(book.state_dict())
+    return book, ours
+
+
+def assert_near(actual, expected, what, rel=1e-5):
+    """Equal up to float32 rounding: within rel of the largest |expected| value."""
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale, msg=lambda message: f"{what}: {message}")
+
+
+def assert_same_result(ours, book, what="result", rel=1e-5):
+    """Texts, token ids, counts and flags equal; floats (log-probabilities, losses, rewards) near."""
+    if isinstance(book, dict):
+        assert ours.keys() == book.keys(), what
+        for key in book:
+            assert_same_result(ours[key], book[key], f"{what}[{key!r}]", rel)
+    elif isinstance(book, (list, tuple)) and book and all(isinstance(x, float) for x in book):
+        assert_near(ours, book, what, rel)
+    elif isinstance(book, (list, tuple)):
+        assert type(ours) is type(book) and len(ours) == len(book), what
+        for i, (mine, theirs) in enumerate(zip(ours, book)):
+            assert_same_result(mine, theirs, f"{what}[{i}]", rel)
+    elif isinstance(book, float) or (torch.is_tensor(book) and book.is_floating_point()):
+        assert_near(ours, book, what, rel)
+    elif torch.is_tensor(book):
+        assert torch.equal(ours, book), f"{what}: {ours} != {book}"
+    else:
+        assert ours == book, f"{what}: {ours!r} != {book!r}"
+
+
+def run_on_both(models, call, seed=0):
+    """call(model) with the book's model, then with ours, each from the same seed. Returns, per
+    model, the result and the next-token log-probabilities at the last position of every forward
+    pass (what generation reads)."""
+    runs = []
+    for model in models:
+        seen = []
+        handle = model.register_forward_hook(
+            lambda module, args, logits: seen.append(torch.log_softmax(logits[:, -1].detach().float(), dim=-1)))
+        torch.manual_seed(seed)
+        try:
+            result = call(model)
+        finally:
+            handle.remove()
+        runs.append((result, seen))
+    return runs
+
+
+def largest_difference(ours, book):
+    return max((ours[name] - book[name]).abs().max().item() for name in book)
+
+
+def assert_same_parameters(ours, book, what, lr):
+    """AdamW's first steps move a weight by about lr whatever its gradient's size, so a gradient
+    at rounding level may step either way: the weights must agree to within a tenth of a step."""
+    ours, book = dict(ours.named_parameters()), dict(book.named_parameters())
+    assert ours.keys() == book.keys()
+    for name in book:
+        torch.testing.assert_close(ours[name].detach(), book[name].detach(), rtol=1e-5, atol=lr / 10,
+                                   msg=lambda message: f"{what}, {name}: {message}")
+    print(f"{what}: weights after training differ by at most {largest_difference(ours, book):.1e}")
+
+
+def gradients(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def assert_same_gradients(ours, book, what):
+    """Each weight's gradient on its own scale (the norms' gradients are larger than the rest)."""
+    ours, book = gradients(ours), gradients(book)
+    assert ours.keys() == book.keys()
+    assert all(grad.abs().max() > 0 for grad in book.values()), f"{what}: some weight got no gradient"
+    for name in book:
+        assert_near(ours[name], book[name], f"{what}: gradient of {name}")
+    print(f"{what}: gradients differ by at most {largest_difference(ours, book):.1e}")
+
+
+def assert_same_runs(runs, what, rel=1e-5):
+    """The results of run_on_both agree (floats within rel), and so do the log-probabilities the
+    models gave on the way."""
+    (book_result, book_seen), (our_result, our_seen) = runs
+    assert_same_result(our_result, book_result, what, rel)
+    assert book_seen and len(our_seen) == len(book_seen), \
+        f"{what}: {len(our_seen)} forward passes, the book's model {len(book_seen)}"
+    for i, (mine, theirs) in enumerate(zip(our_seen, book_seen)):
+        assert_near(mine, theirs, f"{what}: log-probabilities of forward pass {i}")
+    difference = max((mine - theirs).abs().max().item() for mine, theirs in zip(our_seen, book_seen))
+    print(f"{what}: log-probabilities differ by at most {difference:.1e}")
+
+
+def step_on_both(models, optimizers, loss_of, what, seed=0, rel=1e-5):
+    """One training step on each model from the same seed: loss, extras = loss_of(model),
+    backward, optimizer step. Losses and extras (within rel), log-probabilities, gradients and the
+    updated weights must agree."""
+    optimizer_of = dict(zip(models, optimizers))
+
+    def step(model):
+        model.train()
+        optimizer_of[model].zero_grad()
+        loss, extras = loss_of(model)
+        loss.backward()
+        optimizer_of[model].step()
+        return loss, extras
+
+    runs = run_on_both(models, step, seed)
+    assert_same_runs(runs, f"{what}: loss", rel)
+    assert_same_gradients(models[1], models[0], what)
+    assert_same_parameters(models[1], models[0], what, optimizers[0].param_groups[0]["lr"])
+
+
+def printed(function, *args, **kwargs):
+    """function's result and what it printed."""
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = function(*args, **kwargs)
+    return result, out.getvalue()
+
+
+@pytest.mark.parametrize("cache_owner", ["book", "ours"])
+def test_later_chapters_kv_caches_book_and_ours_drive_both_models_alike(chapters, models, cache_owner):
+    """Chapters 4 to 6 build the book's KVCache around whatever model they get; ours works with
+    both caches, and so does the book's model: a prompt fed in two pieces, then greedy tokens one
+    by one, give the tokens and logits of the book's model without a cache."""
+    make_cache = chapters.qwen3.KVCache if cache_owner == "book" else q.KVCache
+    cache_name = "the book's KVCache" if cache_owner == "book" else "our KVCache"
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 151_936, (2, 7))
+    runs = []
+    with torch.no_grad():
+        for model in models:
+            cache = make_cache(n_layers=2)
+            model.reset_kv_cache()
+            model(prompt[:, :4], cache=cache)
+            steps = [model(prompt[:, 4:], cache=cache)[:, -1]]
+            tokens = []
+            for _ in range(6):
+                tokens.append(steps[-1].argmax(dim=-1, keepdim=True))
+                steps.append(model(tokens[-1], cache=cache)[:, -1])
+            assert cache.get(1)[0].shape == (2, 2, 13, 8)  # (batch, kv heads, positions, head_dim)
+            runs.append((torch.cat(tokens, dim=1), torch.stack(steps, dim=1)))
+        uncached = models[0](torch.cat([prompt, runs[0][0]], dim=1))[:, 6:]  # the book's model, no cache
+    for (tokens, logits), name in zip(runs, ("the book's model", "ours")):
+        assert torch.equal(tokens, uncached[:, :-1].argmax(dim=-1)), name
+        assert_near(logits, uncached, f"{name} with {cache_name}: logits")
+    print(f"{cache_name}: logits differ by at most {(runs[1][1] - runs[0][1]).abs().max().item():.1e}")
+
+
+def evaluate_math500(book, tokenizer, tmp_path, model):
+    """Chapter 3's evaluation on two inline problems: its score and the records it wrote."""
+    out_path = tmp_path / f"math500-{type(model).__module__}.jsonl"
+    score, output = printed(book.ch03.evaluate_math500_stream, model, tokenizer, "cpu", MATH_DATA,
+                            out_path=out_path, max_new_tokens=8)
+    assert "Accuracy: " in output
+    return score, [json.loads(line) for line in out_path.read_text().splitlines()]
+
+
+def next_token_probas(book, tokenizer, model):
+    """Chapter 5's calc_next_token_probas prints its results: the printed probabilities, as logs."""
+    _, output = printed(book.ch05.calc_next_token_probas, model, tokenizer, "Large language models", "cpu")
+    probas = json.loads(re.search(r"Next-token probabilities: (\[.*\])", output).group(1))
+    joint = float(re.search(r"Joint probability: tensor\((.*?)\)", output).group(1))
+    assert len(probas) == 2 and joint > 0  # three tokens, two predicted
+    return torch.tensor(probas + [joint]).log()
+
+
+def question(book, tokenizer, problem="What is 2 + 3?"):
+    return torch.tensor([tokenizer.encode(book.ch03.render_prompt(problem))])
+
+
+def tokens_of(stream):
+    return [token.item() for token in stream]
+
+
+INFERENCE_CALLS = {  # name: (book, tokenizer, tmp_path, model) -> result
+    "ch03.generate_text_stream_concat": lambda book, tok, tmp_path, model: printed(
+        book.ch03.generate_text_stream_concat, model, tok, book.ch03.render_prompt("What is 2 + 3?"), "cpu",
+        max_new_tokens=8, verbose=True),
+    "ch03.evaluate_math500_stream": evaluate_math500,
+    "ch04.generate_text_temp_stream_cache": lambda book, tok, tmp_path, model: tokens_of(
+        book.ch04.generate_text_temp_stream_cache(model, question(book, tok), 8, tok.eos_token_id, temperature=1.5)),
+    "ch04.generate_text_top_p_stream_cache": lambda book, tok, tmp_path, model: tokens_of(
+        book.ch04.generate_text_top_p_stream_cache(model, question(book, tok), 6, tok.eos_token_id,
+                                                   temperature=0.8, top_p=0.9)),
+    "ch04.self_consistency_vote": lambda book, tok, tmp_path, model: book.ch04.self_consistency_vote(
+        model, tok, book.ch03.render_prompt("What is 2 + 3?"), "cpu", num_samples=3, max_new_tokens=4,
+        show_progress=False, seed=7),
+    "ch05.calc_next_token_probas": lambda book, tok, tmp_path, model: next_token_probas(book, tok, model),
+    "ch05.avg_logprob_answer": lambda book, tok, tmp_path, model: book.ch05.avg_logprob_answer(
+        model, tok, book.ch03.render_prompt("What is 2 + 3?"), " \\boxed{5}", "cpu"),
+    "ch05.self_refinement_loop": lambda book, tok, tmp_path, model: book.ch05.self_refinement_loop(
+        model, tok, "What is 2 + 3?", "cpu", iterations=1, max_response_tokens=4, max_critique_tokens=4,
+        score_fn=book.ch05.heuristic_score),
+    "ch06.sample_response": lambda book, tok, tmp_path, model: book.ch06.sample_response(
+        model, tok, book.ch03.render_prompt("What is 2 + 3?"), "cpu", max_new_tokens=6),
+}
+
+
+@needs_real_tokenizer
+@pytest.mark.parametrize("name", INFERENCE_CALLS)
+def test_later_chapters_generation_and_scoring_give_our_model_the_books_results(name, chapters, models,
+                                                                                  real_tokenizer, tmp_path):
+    """The book's generation, evaluation and scoring functions: the same texts, tokens and scores
+    with our model, and the same log-probabilities at every step."""
+    runs = run_on_both(models, lambda model: INFERENCE_CALLS[name](chapters, real_tokenizer, tmp_path, model))
+    assert_same_runs(runs, name)
+
+
+def answer_ids(book, tokenizer):
+    """A prompt and an answer, as chapters 6 and 7 score them: the token ids and the prompt's length."""
+    prompt_ids = tokenizer.encode(book.ch03.render_prompt("What is 2 + 3?"))
+    return torch.tensor(prompt_ids + tokenizer.encode(" The sum is \\boxed{5}.")), len(prompt_ids)
+
+
+def grpo_loss(book, tokenizer, model):
+    stats = book.ch06.compute_grpo_loss(model, tokenizer, MATH_DATA[0], "cpu", num_rollouts=3, max_new_tokens=4)
+    return stats.pop("loss_tensor"), stats
+
+
+def logprob_and_entropy_loss(book, tokenizer, model):
+    logp, entropy = book.ch07.sequence_logprob_and_entropy(model, *answer_ids(book, tokenizer))
+    return entropy - logp, (logp, entropy)  # a loss that gives both terms a gradient
+
+
+def distillation_loss(book, tokenizer, model):
+    examples, skipped = book.ch08.build_examples(DISTILL_DATA, tokenizer)
+    assert skipped == 0
+    return book.ch08.compute_example_loss(model, examples[0], "cpu"), None
+
+
+LOSSES = {  # name: (book, tokenizer, model) -> (loss, other results)
+    "ch06.sequence_logprob": lambda book, tok, model: (-book.ch06.sequence_logprob(model, *answer_ids(book, tok)),
+                                                       None),
+    "ch06.compute_grpo_loss": grpo_loss,
+    "ch07.sequence_logprob_and_entropy": logprob_and_entropy_loss,
+    "ch08.compute_example_loss": distillation_loss,
+}
+# GRPO's loss weights log-probabilities of about -50 by advantages that sum to zero: what is left is
+# much smaller than the terms, their rounding errors are not.
+LOSS_REL = {"ch06.compute_grpo_loss": 1e-4, "ch06.train_rlvr_grpo": 1e-4}
+
+
+@needs_real_tokenizer
+@pytest.mark.parametrize("name", LOSSES)
+def test_later_chapters_losses_give_our_model_the_books_gradients_and_step(name, chapters, models, real_tokenizer):
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3) for model in models]
+    step_on_both(models, optimizers, lambda model: LOSSES[name](chapters, real_tokenizer, model), name,
+                 rel=LOSS_REL.get(name, 1e-5))
+
+
+def train_rlvr_grpo(book, tokenizer, out_dir, model):
+    book.ch06.train_rlvr_grpo(model, tokenizer, MATH_DATA, "cpu", steps=2, num_rollouts=2, max_new_tokens=4, lr=1e-3,
+                              checkpoint_every=2, checkpoint_dir=out_dir, csv_log_path=out_dir / "metrics.csv")
+
+
+def train_distillation(book, tokenizer, out_dir, model):
+    examples, _ = book.ch08.build_examples(DISTILL_DATA, tokenizer)
+    book.ch08.train_distillation(model, examples[:2], examples[2:], "cpu", epochs=1, lr=1e-3, grad_clip_norm=1.0,
+                                 log_every=1, checkpoint_dir=out_dir, csv_log_path=out_dir / "metrics.csv")
+
+
+TRAINING_LOOPS = {"ch06.train_rlvr_grpo": train_rlvr_grpo, "ch08.train_distillation": train_distillation}
+
+
+def read_csv_columns(path):
+    header, *rows = path.read_text().splitlines()
+    return header, torch.tensor([[float(x) for x in row.split(",")] for row in rows], dtype=torch.float64)
+
+
+@needs_real_tokenizer
+@pytest.mark.parametrize("name", TRAINING_LOOPS)
+def test_later_chapters_training_loops_train_ours_as_the_books_and_checkpoints_load_both_ways(
+        name, chapters, models, real_tokenizer, tmp_path):
+    """Two steps of each of the book's training loops, run on each model; then the checkpoint each
+    loop saved loads into the other kind of model, strictly, and predicts as the model that wrote it."""
+    folders = [tmp_path / "book", tmp_path / "ours"]
+    for folder in folders:
+        folder.mkdir()
+    folder_of = dict(zip(models, folders))
+    runs = run_on_both(models, lambda model: printed(TRAINING_LOOPS[name], chapters, real_tokenizer,
+                                                     folder_of[model], model)[0])
+    assert_same_runs(runs, name)
+    book, ours = models
+    assert_same_gradients(ours, book, f"{name}, last step")  # each step zeroes them first: the last one's
+    assert_same_parameters(ours, book, name, lr=1e-3)
+    (book_header, book_metrics), (our_header, our_metrics) = map(read_csv_columns,
+                                                                (f / "metrics.csv" for f in folders))
+    assert our_header == book_header and our_metrics.shape == book_metrics.shape == (2, book_metrics.shape[1])
+    for column, title in enumerate(book_header.split(",")):
+        assert_near(our_metrics[:, column], book_metrics[:, column], f"{name}: metrics.csv, {title}",
+                    rel=LOSS_REL.get(name, 1e-5) if title == "loss" else 1e-5)
+
+    checkpoints = [sorted(folder.glob("*.pth")) for folder in folders]
+    assert [p.name for p in checkpoints[0]] == [p.name for p in checkpoints[1]] and len(checkpoints[0]) == 1
+    book_state, our_state = (torch.load(paths[0]) for paths in checkpoints)
+    assert all(torch.equal(our_state[key], value) for key, value in ours.state_dict().items())  # the final weights
+    book_from_ours = chapters.qwen3.Qwen3Model(later_chapters_config())
+    book_from_ours.load_state_dict(our_state, strict=True)
+    ours_from_book = q.Qwen3Model(later_chapters_config())
+    ours_from_book.load_state_dict(book_state, strict=True)
+    assert all(torch.equal(ours_from_book.state_dict()[key], value) for key, value in book_state.items())
+    ids = answer_ids(chapters, real_tokenizer)[0][None]
+    with torch.no_grad():
+        assert_near(book_from_ours(ids), ours(ids), f"{name}: the book's model from our checkpoint")
+        assert_near(ours_from_book(ids), book(ids), f"{name}: ours from the book's checkpoint")
+
+
+@needs_real_tokenizer
+def test_later_chapters_generation_and_training_interleave_on_the_current_weights(chapters, models, real_tokenizer):
+    """Generate, train a step (AdamW), generate, train, generate, with each model: every generation
+    (with the book's cache) reads the weights of the moment, as chapter 2's plain loop without a
+    cache sees them, and every step's gradients and weights match the book's."""
+    prompt = question(chapters, real_tokenizer, "What is 7 * 6?")
+    examples, _ = chapters.ch08.build_examples(DISTILL_DATA, real_tokenizer)
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-2) for model in models]
+    generations = []
+    for stage in range(3):
+        runs = run_on_both(models, lambda model: tokens_of(
+            chapters.ch04.generate_text_top_p_stream_cache(model, prompt, 8, temperature=0.0)))
+        assert_same_runs(runs, f"generation {stage + 1}")
+        for model in models:
+            assert tokens_of(chapters.ch02.generate_text_basic_stream(model, prompt, 8)) == runs[0][0]
+        generations.append(runs[0][0])
+        if stage < 2:
+            step_on_both(models, optimizers, lambda model: (
+                chapters.ch08.compute_example_loss(model, examples[stage], "cpu"), None), f"training step {stage + 1}")
+    assert generations[0] != generations[1] and generations[1] != generations[2]  # so stale weights would show
