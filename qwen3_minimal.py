@@ -1107,9 +1107,12 @@ def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
     return run
 
 
-def prefill(model, token_ids, cache, float32_prompts=FLOAT32_PROMPTS):
+def prefill(model, token_ids, cache, float32_prompts=None):
     """The prompt (b, T) through the model, filling the cache: the scores of its last position,
-    (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly."""
+    (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly.
+    float32_prompts: inside float32_products() or not (None: FLOAT32_PROMPTS decides)."""
+    if float32_prompts is None:
+        float32_prompts = FLOAT32_PROMPTS
     products = float32_products() if float32_prompts else contextlib.nullcontext()
     with products, fastest_kernels(token_ids.shape[1], model.tok_emb.weight.dtype):
         return model(token_ids, cache=cache, last_only=True)[:, -1]
@@ -1129,10 +1132,10 @@ class FastGenerator:
 
     compile: run decode_one_token through torch.compile (section 2.9), compiled at the first
     call and kept here for the later ones. float32_prompts: run prompts inside
-    float32_products() (default: where the CPU lacks bfloat16 arithmetic).
+    float32_products() or not (default: where the CPU lacks bfloat16 arithmetic, FLOAT32_PROMPTS).
     """
 
-    def __init__(self, model, compile=False, float32_prompts=FLOAT32_PROMPTS):
+    def __init__(self, model, compile=False, float32_prompts=None):
         self.model, self.float32_prompts = model, float32_prompts
         self.cache = KVCache(n_layers=model.cfg["n_layers"])
         # model.current_pos as an input of the compiled step, not a constant of it (section 2.9)
