@@ -2010,7 +2010,8 @@ def test_chat_keeps_the_history_and_drops_old_thinking(tmp_path, monkeypatch, ca
 def tiny_checkpoint(tmp_path):
     """An official-layout folder with a tiny bfloat16 model, its tokenizer and generation config."""
     model = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
-                                     hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True))
+                                     hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True,
+                                     context_length=4096))
     folder = write_official_checkpoint(tmp_path / "ckpt", model)
     (folder / "tokenizer.json").write_text(qwen_style_tokenizer_json())
     (folder / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
@@ -2051,6 +2052,20 @@ def test_chat_runs_through_main_with_the_checkpoints_template(tiny_checkpoint, g
     assert call["max_new_tokens"] == 2048
     out = capsys.readouterr().out
     assert "Chat with Qwen3, thinking off" in out and "qwen> " in out
+
+
+def test_a_compiled_chat_of_several_turns_gives_the_eager_replies(tiny_checkpoint, monkeypatch, capsys):
+    def chat(*flags):  # three turns, the last past the KV cache's first 256 positions
+        lines = iter(["Hi", "Tell me more", "And more", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        q.main(["--model", str(tiny_checkpoint), "--chat", "--dtype", "float32", "--max-new-tokens", "30", *flags])
+        return capsys.readouterr().out
+
+    eager = chat()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "torch.compile failed, running without it"
+        compiled = chat("--compile")
+    assert compiled == eager and eager.count("qwen> ") == 3
 
 
 def test_model_repo_ids_download_into_out_dir(hub, tiny_checkpoint, generation_spy, tmp_path):
