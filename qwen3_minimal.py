@@ -276,16 +276,14 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x, cos, sin, offset=0):
-    """Rotate x of shape (b, heads, T, head_dim) to positions offset .. offset + T - 1, where row
-    p of cos and sin holds position p. (Qwen3Model.forward hands over the rows of the new
-    positions already, so there offset stays 0.)"""
-    T, head_dim = x.shape[2], x.shape[3]
+def apply_rope(x, cos, sin):
+    """Rotate x of shape (b, heads, T, head_dim) to its T positions, whose rows of the tables
+    cos and sin, (T, head_dim), Qwen3Model.forward picks."""
+    head_dim = x.shape[3]
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
-    cos = cos[offset:offset + T].to(x.dtype)  # (T, head_dim), broadcast over b and heads
-    sin = sin[offset:offset + T].to(x.dtype)
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # broadcast over b and heads
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]  # (b, heads, T, head_dim / 2) each
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
 
@@ -386,8 +384,8 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
         """mask: (T, S), True where a new token may see a position; cos, sin: (T, head_dim)."""
         b, T, _ = x.shape
-        queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)
-        keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)
+        queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)     # (b, T, num_heads, head_dim)
+        keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)      # (b, T, num_kv_groups, head_dim)
         values = self.W_value(x).view(b, T, self.num_kv_groups, self.head_dim)
 
         # QK-norm per head, then heads become a batch dimension for the attention products
@@ -405,8 +403,9 @@ class GroupedQueryAttention(nn.Module):
             # head g*group_size + j, token t becomes row j*T + t of group g, and the mask repeats
             # for each j. (enable_gqa=True says the same in one flag, but copies the kv heads.)
             grouped = queries.reshape(b, self.num_kv_groups, self.group_size * T, self.head_dim)
-            context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask.repeat(self.group_size, 1))
-            context = context.view(b, self.num_heads, T, self.head_dim)
+            grouped_mask = mask.repeat(self.group_size, 1)                   # (group_size * T, S)
+            context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=grouped_mask)
+            context = context.reshape(b, self.num_heads, T, self.head_dim)  # (kernels may not return it contiguous)
         else:
             # The plain idea, as the book writes it: repeat each kv head for its query heads.
             keys = keys.repeat_interleave(self.group_size, dim=1)      # (b, num_heads, S, head_dim)
@@ -415,8 +414,8 @@ class GroupedQueryAttention(nn.Module):
             scores = scores.masked_fill(~mask, -torch.inf)               # no peeking at later tokens
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
             context = weights @ values                                   # (b, num_heads, T, head_dim)
-        context = context.transpose(1, 2).reshape(b, T, self.d_out)
-        return self.out_proj(context)                   # (b, T, d_in)
+        context = context.transpose(1, 2).reshape(b, T, self.d_out)  # (b, T, num_heads * head_dim)
+        return self.out_proj(context)                                 # (b, T, d_in)
 
 
 class FeedForward(nn.Module):
@@ -514,7 +513,7 @@ class Qwen3Model(nn.Module):
                              f"cache and model.reset_kv_cache()")
 
         # The new tokens sit at positions start_pos .. end_pos - 1 and see every position up to
-        # their own: cached ones, themselves and the new ones before them (figure 2.8's mask).
+        # their own: cached ones, themselves and the new ones before them (the causal mask).
         positions = torch.arange(start_pos, end_pos, device=in_idx.device)
         mask = torch.arange(end_pos, device=in_idx.device) <= positions[:, None]  # (T, S), True = visible
         cos, sin = self.cos[start_pos:end_pos], self.sin[start_pos:end_pos]       # (T, head_dim)
@@ -1003,7 +1002,8 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 #     computed for the last position only (for 0.6B the head is a quarter of all weights);
 #   - float32_products(): on CPUs without bfloat16 arithmetic, the prompt's products in float32;
 #   - fastest_kernels(): the kernel PyTorch picks for each kind of step.
-# The model is used as it is: no weight, attribute or global setting is left changed. Then come
+# The model is used as it is: no weight, buffer or global setting is left changed (current_pos
+# ends where the sequence ends, as after any cached call). Then come
 # the speed report of the command line and int8 weights (quantize_int8, a module swap that
 # print(model) shows). The README's "Performance" section has the measurements behind each choice.
 #
@@ -1062,7 +1062,7 @@ def fastest_kernels(new_tokens, dtype):
     GPU: PyTorch prefers cuDNN's attention kernel on some GPUs (Hopper: H100, H200), and cuDNN
     builds a plan for every new sequence length before it runs, which takes far longer than the
     attention itself. Generation meets a new length at every step, so cuDNN's kernel is left out
-    and scaled_dot_product_attention takes its next choice (FlashAttention).
+    and scaled_dot_product_attention takes its next choice.
     """
     onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.mkldnn.enabled = onednn and (new_tokens > 1 or dtype != torch.bfloat16)
@@ -1138,7 +1138,8 @@ class FastGenerator:
     def __init__(self, model, compile=False, float32_prompts=None):
         self.model, self.float32_prompts = model, float32_prompts
         self.cache = KVCache(n_layers=model.cfg["n_layers"])
-        # model.current_pos as an input of the compiled step, not a constant of it (section 2.9)
+        # model.current_pos as an input of the compiled step, not a constant of it: otherwise
+        # torch.compile would specialise on each position and compile again at every step
         settings = functools.partial(torch._dynamo.config.patch, allow_unspec_int_on_nn_module=True)
         self.decode = compiled_or_eager(decode_one_token, settings) if compile else decode_one_token
 
@@ -1337,7 +1338,7 @@ def load_model_and_tokenizer(args, device):
         torch.manual_seed(args.seed)
         cfg = {**QWEN_CONFIG_06_B, "dtype": dtype or QWEN_CONFIG_06_B["dtype"]}
         with torch.device(device):
-            model = Qwen3Model(cfg).eval()
+            model = Qwen3Model(cfg).to(device).eval()  # (the RoPE tables are built on the CPU)
         tokenizer_file = out_dir / BOOK_FILES.get(name, BOOK_FILES["base"])[1]
         return model, Qwen3Tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
     if name in BOOK_FILES:

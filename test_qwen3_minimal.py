@@ -411,13 +411,13 @@ def test_apply_rope_equals_transformers_at_any_offset(dtype):
         positions = torch.arange(offset, offset + 7)[None]
         hf_cos, hf_sin = rotary(x, positions)
         expected, _ = apply_rotary_pos_emb(x, x, hf_cos, hf_sin)
-        assert torch.equal(q.apply_rope(x, cos, sin, offset=offset), expected)
+        assert torch.equal(q.apply_rope(x, cos[offset:offset + x.shape[2]], sin[offset:offset + x.shape[2]]), expected)
 
 
 def test_rope_rotates_pairs_of_halves_and_keeps_lengths():
     cos, sin = q.compute_rope_params(head_dim=4, theta_base=10_000, context_length=8)
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
-    out = q.apply_rope(x, cos, sin, offset=5).flatten()
+    out = q.apply_rope(x, cos[5:6], sin[5:6]).flatten()
     # rotate-half pairs entry i with entry i + head_dim/2: (1, 3) and (2, 4) keep their lengths
     assert torch.allclose(out[0] ** 2 + out[2] ** 2, torch.tensor(10.0))
     assert torch.allclose(out[1] ** 2 + out[3] ** 2, torch.tensor(20.0))
