@@ -1037,8 +1037,8 @@ class float32_products(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not kwargs and len(args) == 2:
-            x, weight = args
+        if func is F.linear and not kwargs and (len(args) == 2 or args[2] is None):  # nn.Linear passes bias=None
+            x, weight = args[:2]
             if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > x.shape[-1]:
                 x = x.float()                                                  # (..., in_features)
                 pieces = [F.linear(x, rows.float()) for rows in weight.split(4096)]
