@@ -140,11 +140,12 @@ def transformers_row(state, cfg, ids, compile=False):
     config = Qwen3Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["emb_dim"], intermediate_size=cfg["hidden_dim"],
                          num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
                          num_key_value_heads=cfg["n_kv_groups"], head_dim=cfg["head_dim"],
-                         max_position_embeddings=cfg["context_length"], tie_word_embeddings=True,
+                         max_position_embeddings=cfg["context_length"],
+                         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                          rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_base"]})
     model = Qwen3ForCausalLM._from_config(config, dtype=cfg["dtype"]).to(ids.device).eval()
     book_to_hf = {q.hf_to_book_name(name): name for name in model.state_dict()}
-    model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()}, strict=False)
+    model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()})
 
     def generate(new_tokens=NEW_TOKENS, **options):
         with torch.inference_mode():
