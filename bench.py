@@ -2,18 +2,18 @@
 
 Every implementation gets the Qwen3-0.6B shape with the same random weights, a 128-token prompt
 and 64 greedy new tokens, through its own generation function:
-  ours          qwen3_minimal.generate_text_basic_cache, bfloat16 (and float32, int8 on CPUs; compiled
-                bfloat16 and int8: CUDA graphs on a GPU)
+  ours          qwen3_minimal.FastGenerator, bfloat16 (and float32, int8 on CPUs); with --compile
+                also FastGenerator(compile=True), bfloat16 and int8
   transformers  Qwen3ForCausalLM.generate(do_sample=False)      where transformers is installed
                 (compiled: with its static cache, which it compiles with CUDA graphs)
   book          reasoning_from_scratch.ch02.generate_text_basic_cache   where it is installed
   llama.cpp     the figures of a llama-bench run on the same work, read from a file (--llama-bench)
 
-Prefill is the prompt's tokens divided by the time of the first forward pass; decode is the
-number of later forward passes divided by their time. Each row is timed over --repeats runs
-(default 3) after a warm-up, and shows their median, as llama-bench shows a mean of its runs. The
-memory roofline is the fastest a decode step can be: bytes of weights read per token / the read
-bandwidth measured here.
+Prefill is the prompt's tokens divided by the time of the first forward pass; decode is the new
+tokens after the first divided by the time from the first new token to the last. Each row is timed
+over --repeats runs (default 3) after a warm-up, and shows their median, as llama-bench shows a mean
+of its runs. The memory roofline is the fastest a decode step can be: bytes of weights read per
+token / the read bandwidth measured here.
 
     OMP_NUM_THREADS=2 python bench.py                       # a few minutes on 2 cores
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
@@ -75,7 +75,8 @@ def read_bandwidth_gb_s(device, gigabytes=1.0):
 
 def timed(module, generate):
     """Run generate() with hooks that note when each forward pass of `module` ends; return
-    (prefill tokens/s, decode tokens/s, new tokens)."""
+    (prefill tokens/s, decode tokens/s, new tokens). Forward pass i gives new token i + 1, so the
+    decode figure counts passes 1 .. NEW_TOKENS - 1 (a loop may run one more, for no token)."""
     ends = []
     device = next(module.parameters()).device
 
@@ -89,7 +90,8 @@ def timed(module, generate):
         tokens = generate()
     finally:
         handle.remove()
-    return PROMPT_TOKENS / (ends[0] - start), (len(ends) - 1) / (ends[-1] - ends[0]), tokens.reshape(-1)[-NEW_TOKENS:]
+    decode = (NEW_TOKENS - 1) / (ends[NEW_TOKENS - 1] - ends[0])
+    return PROMPT_TOKENS / (ends[0] - start), decode, tokens.reshape(-1)[-NEW_TOKENS:]
 
 
 def timed_by_length(generate, device):
@@ -117,12 +119,15 @@ def median_run(runs):
 # as (prefill tokens/s, decode tokens/s, new tokens); add() runs it once to warm up, then times it.
 
 def ours_row(model, ids, compile=False):
-    """Ours, timed by the loop itself (hooks inside a compiled model would break its graph)."""
+    """Ours: one FastGenerator for the row, so that a compiled one compiles in the warm-up run; timed
+    by its own timings (hooks inside a compiled step would break its graph)."""
+    generator = q.FastGenerator(model, compile=compile)
+
     def measure():
         timings = {}
-        tokens = q.generate_text_basic_cache(model, ids, NEW_TOKENS, compile=compile, timings=timings)
+        tokens = generator.generate(ids, NEW_TOKENS, timings=timings)
         decode = (timings["new_tokens"] - 1) / timings["decode_s"]
-        return PROMPT_TOKENS / timings["prefill_s"], decode, tokens.reshape(-1)
+        return timings["prompt_tokens"] / timings["prefill_s"], decode, tokens.reshape(-1)
 
     return measure
 
@@ -135,11 +140,12 @@ def transformers_row(state, cfg, ids, compile=False):
     config = Qwen3Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["emb_dim"], intermediate_size=cfg["hidden_dim"],
                          num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
                          num_key_value_heads=cfg["n_kv_groups"], head_dim=cfg["head_dim"],
-                         max_position_embeddings=cfg["context_length"], tie_word_embeddings=True,
+                         max_position_embeddings=cfg["context_length"],
+                         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                          rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_base"]})
     model = Qwen3ForCausalLM._from_config(config, dtype=cfg["dtype"]).to(ids.device).eval()
     book_to_hf = {q.hf_to_book_name(name): name for name in model.state_dict()}
-    model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()}, strict=False)
+    model.load_state_dict({book_to_hf[name]: tensor for name, tensor in state.items()})
 
     def generate(new_tokens=NEW_TOKENS, **options):
         with torch.inference_mode():
@@ -258,21 +264,16 @@ def main():
     model32 = copy.deepcopy(model).float()
     model32.cfg = {**cfg, "dtype": torch.float32}
     int8 = q.quantize_int8(copy.deepcopy(model)) if int8_too else None
-    # (After the copies above: the first run lays out the bfloat16 weights for their kernels, which the
-    # float32 copy should not inherit.)
     add("ours bfloat16", model, ours_row(model, ids))
     add("ours float32", model32, ours_row(model32, ids))
     del model32
     if int8_too:
         add("ours int8", int8, ours_row(int8, ids))
-    del int8
-    if args.compile:  # each compiled copy made when its row comes, the int8 one only where int8 runs
-        compiled = copy.deepcopy(model)
-        add("ours bfloat16 compiled", compiled, ours_row(compiled, ids, compile=True))
+    if args.compile:  # generating leaves a model as it was: the compiled rows run the same models
+        add("ours bfloat16 compiled", model, ours_row(model, ids, compile=True))
         if int8_too:
-            compiled = q.quantize_int8(copy.deepcopy(model))
-            add("ours int8 compiled", compiled, ours_row(compiled, ids, compile=True))
-        del compiled
+            add("ours int8 compiled", int8, ours_row(int8, ids, compile=True))
+    del int8
     state = model.state_dict()
     transformers, book = importlib.util.find_spec("transformers"), importlib.util.find_spec("reasoning_from_scratch")
     if transformers:

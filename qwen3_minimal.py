@@ -327,10 +327,11 @@ class KVCache:
         held = self.cache[layer_idx]
         start = 0 if held is None else held[0].shape[2]
         end = start + keys.shape[2]
+        needed = max(end, self.max_len or 0) if held is None else end  # max_len: all of it at the first write
         buffers = self.buffers[layer_idx]
-        if (buffers is None or buffers[0].shape[2] < end or buffers[0].shape[:2] != keys.shape[:2]
+        if (buffers is None or buffers[0].shape[2] < needed or buffers[0].shape[:2] != keys.shape[:2]
                 or buffers[0].dtype != keys.dtype or buffers[0].device != keys.device):
-            capacity = -(-max(end, self.max_len or 0) // 256) * 256  # rounded up to a multiple of 256
+            capacity = -(-needed // 256) * 256  # rounded up to a multiple of 256
             buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
             if held is not None:  # what the old buffers held (or what update() stored) moves along
                 buffers[0][:, :, :start], buffers[1][:, :, :start] = held
@@ -1041,8 +1042,8 @@ class float32_products(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and not kwargs and len(args) == 2:
-            x, weight = args
+        if func is F.linear and not kwargs and (len(args) == 2 or args[2] is None):  # nn.Linear passes bias=None
+            x, weight = args[:2]
             if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > x.shape[-1]:
                 x = x.float()                                                  # (..., in_features)
                 pieces = [F.linear(x, rows.float()) for rows in weight.split(4096)]
