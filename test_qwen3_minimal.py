@@ -42,6 +42,13 @@ def tiny_config(**overrides):
     return {**cfg, **overrides}
 
 
+def real_vocab_config(**overrides):
+    """A tiny bfloat16 Qwen3 with the real vocabulary, tied as the official small checkpoints are:
+    for checkpoints that the real (or a Qwen-style) tokenizer drives."""
+    return tiny_config(**{"vocab_size": 151_936, "emb_dim": 32, "n_heads": 2, "n_kv_groups": 1, "head_dim": 16,
+                          "hidden_dim": 48, "dtype": torch.bfloat16, "tie_word_embeddings": True, **overrides})
+
+
 def random_model(cfg, seed=0):
     """A Qwen3Model with random weights, norms included (ones would hide a misplaced scale)."""
     torch.manual_seed(seed)
@@ -74,17 +81,34 @@ def hf_config(cfg, attn_implementation="eager"):
     return Qwen3Config(**kwargs)
 
 
+def hf_state_dict(model):
+    """Our state dict in the official names (the tied head left out, as official files do)."""
+    book = model.state_dict()
+    names = list(q.HF_TO_BOOK_NAMES) + [f"model.layers.{i}.{name}" for i in range(model.cfg["n_layers"])
+                                        for name in q.HF_TO_BOOK_LAYER_NAMES]
+    tied = model.out_head.weight is model.tok_emb.weight
+    return {name: book[q.hf_to_book_name(name)].contiguous() for name in names
+            if not (tied and name == "lm_head.weight")}
+
+
 def hf_twin(model, attn_implementation="eager"):
     """transformers' model holding the same weights as ours, copied through the name map."""
     from transformers import Qwen3ForCausalLM
 
     cfg = model.cfg
     hf = Qwen3ForCausalLM._from_config(hf_config(cfg, attn_implementation), dtype=cfg["dtype"]).eval()
-    book_state = model.state_dict()
-    hf_state = {name: book_state[q.hf_to_book_name(name)] for name in hf.state_dict()}
-    hf.load_state_dict(hf_state)
+    result = hf.load_state_dict(hf_state_dict(model), strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys  # a tied head: once
     assert hf.model.rotary_emb.inv_freq.dtype == torch.float32  # the reference keeps RoPE exact
     return hf
+
+
+def logits_of(model, ids=None, seed=3, length=24):
+    """The model's logits for ids, or for random ids of a batch of 2 and `length` tokens."""
+    if ids is None:
+        ids = torch.randint(0, model.cfg["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids)
 
 
 def max_diff_per_position(a, b):
@@ -776,22 +800,6 @@ def test_download_qwen3_small_rejects_an_unknown_kind():
         q.download_qwen3_small(kind="chat")
 
 
-def logits_of(model, seed=3, length=24):
-    ids = torch.randint(0, model.cfg["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(ids)
-
-
-def hf_state_dict(model):
-    """Our state dict in the official names (the tied head left out, as official files do)."""
-    book = model.state_dict()
-    names = list(q.HF_TO_BOOK_NAMES) + [f"model.layers.{i}.{name}" for i in range(model.cfg["n_layers"])
-                                        for name in q.HF_TO_BOOK_LAYER_NAMES]
-    tied = model.out_head.weight is model.tok_emb.weight
-    return {name: book[q.hf_to_book_name(name)].contiguous() for name in names
-            if not (tied and name == "lm_head.weight")}
-
-
 def write_official_checkpoint(folder, model, config_layout="4.x"):
     """config.json + model.safetensors with the real safetensors library, as the hub has them."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -1064,8 +1072,7 @@ def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
 
 
 def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
-    source = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
-                                      hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True))
+    source = random_model(real_vocab_config())
     official = write_official_checkpoint(tmp_path / "src", source)
     for name in ("config.json", "model.safetensors"):
         hub.add("Qwen/Qwen3-0.6B", name, (official / name).read_bytes(), lfs=name.endswith(".safetensors"))
@@ -1114,7 +1121,7 @@ def peaked_model(seed=0, dtype=torch.float32, **overrides):
     and greedy comparisons of paths that compute in float32 are free of near-ties. In bfloat16 the
     gaps can fall below its rounding (2^-8 of a logit): paths that run the same kernels still give
     equal tokens, and paths that round differently are compared step by step
-    (test_compiled_bfloat16_steps_match_eager_ones)."""
+    (test_fast_generator_bfloat16_steps_match_the_chapters_loop)."""
     model = random_model(tiny_config(**{"context_length": 64, "dtype": dtype, **overrides}), seed=seed)
     with torch.no_grad():
         model.final_norm.scale.mul_(8)
@@ -1647,12 +1654,12 @@ def test_int8_logits_stay_close_to_the_bfloat16_models():
             if param.ndim == 2:
                 param.mul_(0.2)  # the scale of trained weights relative to these widths
     ids = torch.randint(0, 2048, (1, 40), generator=torch.Generator().manual_seed(0))
-    reference = logits_of_ids(model, ids)
+    reference = logits_of(model, ids)
     q.quantize_int8(model)
     assert isinstance(model.out_head, q.Int8Linear) and model.out_head.weight.dtype == torch.int8
     assert model.tok_emb.weight.dtype == torch.bfloat16  # the lookup table stays, apart from the head
     assert isinstance(model.trf_blocks[0].att.q_norm, q.RMSNorm)
-    logits = logits_of_ids(model, ids)
+    logits = logits_of(model, ids)
     # int8 rounding (1/254 of each row's largest weight) moves logits by about 1% of their spread:
     error = (logits.float() - reference.float()).abs()
     assert error.mean() < 0.02 * reference.float().std() and error.max() < 0.15 * reference.float().std()
@@ -1689,11 +1696,6 @@ def test_int8_linear_kernel_and_plain_paths_agree_and_return_the_models_dtype():
     dequantized = int8.weight.float() * int8.scales.float()[:, None]
     row_error = (dequantized - linear.weight.float()).abs().amax(dim=1)
     assert (row_error <= 0.5 * int8.scales.float() * (1 + 1e-3)).all()
-
-
-def logits_of_ids(model, ids):
-    with torch.no_grad():
-        return model(ids)
 
 
 LLAMA_BENCH_TABLE = """\
@@ -1858,8 +1860,7 @@ def test_random_weights_demo_runs_end_to_end_offline(tmp_path):
 
 def serve_book_files(hub, tmp_path, kind="base"):
     """The book's two files for `kind`, tiny: a 0.6B-layout state dict of a small Qwen3, and the tokenizer."""
-    model = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
-                                     hidden_dim=48, rope_base=1e6, dtype=torch.bfloat16, tie_word_embeddings=True))
+    model = random_model(real_vocab_config(rope_base=1e6))
     torch.save(model.state_dict(), tmp_path / "model.pth")
     model_file, tokenizer_file = q.BOOK_FILES[kind]
     hub.add(q.BOOK_REPO, model_file, (tmp_path / "model.pth").read_bytes(), lfs=True)
@@ -1973,9 +1974,7 @@ def test_chat_keeps_the_history_and_drops_old_thinking(tmp_path, monkeypatch, ca
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """An official-layout folder with a tiny bfloat16 model, its tokenizer and generation config."""
-    model = random_model(tiny_config(vocab_size=151_936, emb_dim=32, n_heads=2, n_kv_groups=1, head_dim=16,
-                                     hidden_dim=48, dtype=torch.bfloat16, tie_word_embeddings=True,
-                                     context_length=4096))
+    model = random_model(real_vocab_config(context_length=4096))
     folder = write_official_checkpoint(tmp_path / "ckpt", model)
     (folder / "tokenizer.json").write_text(qwen_style_tokenizer_json())
     (folder / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
