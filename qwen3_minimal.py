@@ -997,16 +997,17 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # The chapter's loops are right but leave speed on the table. FastGenerator runs the same cached
 # loop with what fast implementations do, each step named where the loop uses it:
 #   - the caller holds the state that speed keeps between calls, as gpt-fast's caller holds its
-#     caches: one KVCache, allocated at the first prompt for every position it needs, and the
-#     decode step, through torch.compile if asked (gpt-fast: decode = torch.compile(decode_one_token));
+#     caches: one KVCache, whose buffers a generation allocates at its first write for every
+#     position it will reach, and the decode step, through torch.compile if asked (gpt-fast:
+#     decode = torch.compile(decode_one_token));
 #   - prefill() runs the prompt and decode_one_token() each new token, with the output head
 #     computed for the last position only (for 0.6B the head is a quarter of all weights);
 #   - float32_products(): on CPUs without bfloat16 arithmetic, the prompt's products in float32;
 #   - fastest_kernels(): the kernel PyTorch picks for each kind of step.
 # The model is used as it is: no weight, buffer or global setting is left changed (current_pos
-# ends where the sequence ends, as after any cached call). Then come
-# the speed report of the command line and int8 weights (quantize_int8, a module swap that
-# print(model) shows). The README's "Performance" section has the measurements behind each choice.
+# ends where the sequence ends, as after any cached call). Then come the speed report of the
+# command line and int8 weights (quantize_int8, a module swap that print(model) shows). The
+# README's "Performance" section has the measurements behind each choice.
 #
 # Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
 # arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
