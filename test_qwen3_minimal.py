@@ -487,6 +487,15 @@ def test_kv_cache_grows_past_its_buffer_keeping_every_entry():
     assert torch.equal(held[0], keys) and torch.equal(held[1], values) and cache.get(0) is held
 
 
+def test_kv_cache_reused_for_another_batch_size_gets_buffers_of_that_size():
+    cache = q.KVCache(n_layers=1)
+    one, two = torch.randn(1, 2, 3, 4), torch.randn(2, 2, 5, 4)
+    cache.append(0, one, one)
+    cache.reset()
+    held = cache.append(0, two, two)
+    assert torch.equal(held[0], two) and torch.equal(held[1], two) and cache.buffers[0][0].shape[0] == 2
+
+
 def test_kv_cache_with_max_len_allocates_once_and_writes_in_place():
     cache = q.KVCache(n_layers=1, max_len=600)
     keys = torch.randn(1, 2, 600, 4)
@@ -561,6 +570,19 @@ def test_a_new_sequence_without_reset_kv_cache_is_a_clear_error():
             with pytest.raises(ValueError, match="the KV cache holds 7 positions but the model stands at position 0"):
                 model(prompt_ids(), cache=cache)
         model(prompt_ids(), cache=q.KVCache(n_layers=2))
+
+
+def test_a_call_without_a_cache_leaves_the_cached_sequence_where_it_stands():
+    model = peaked_model()
+    ids = prompt_ids(length=9)
+    cache = q.KVCache(n_layers=2)
+    model.reset_kv_cache()
+    with torch.no_grad():
+        model(ids[:, :8], cache=cache)
+        model(prompt_ids(length=3))         # scoring another text in between, as later chapters do
+        assert model.current_pos == 8
+        last = model(ids[:, 8:], cache=cache)
+        assert_close_in_dtype(last, model(ids)[:, 8:])
 
 
 @pytest.mark.parametrize("ids, message", [
@@ -681,6 +703,8 @@ def test_input_longer_than_context_gets_a_clear_error():
     model = random_model(tiny_config(context_length=16))
     with pytest.raises(ValueError, match="17 tokens exceed the model's context length of 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 16, dtype=torch.long)).shape == (1, 16, 320)  # the whole context fits
 
 
 @pytest.mark.parametrize("name, emb, heads, layers, hidden", [
@@ -844,6 +868,8 @@ def test_book_pth_file_loads_with_sizes_read_off_its_shapes_and_head_apart(tmp_p
     source = random_model(tiny_config(tie_word_embeddings=saved_from_a_tied_model, dtype=torch.bfloat16,
                                       n_kv_groups=1, rope_base=1e6))
     torch.save(source.state_dict(), tmp_path / "qwen3-tiny-base.pth")  # both names (one matrix, if tied)
+    as_saved = q.load_qwen3(tmp_path / "qwen3-tiny-base.pth")  # the file's tensors, used as they are
+    assert as_saved.out_head.weight.data_ptr() != as_saved.tok_emb.weight.data_ptr()  # trained apart later
     model = q.load_qwen3(tmp_path / "qwen3-tiny-base.pth", dtype=torch.float32)
     assert {k: model.cfg[k] for k in ("emb_dim", "n_heads", "n_kv_groups", "n_layers", "hidden_dim", "head_dim")} == \
         {k: source.cfg[k] for k in ("emb_dim", "n_heads", "n_kv_groups", "n_layers", "hidden_dim", "head_dim")}
@@ -1064,6 +1090,10 @@ def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
     assert untied.out_head.weight is not untied.tok_emb.weight
     params["model.norm.weight"].add_(1.0)  # the caller's tensors stay the caller's
     assert not torch.equal(model.final_norm.scale, params["model.norm.weight"])
+    params["lm_head.weight"] = params["model.embed_tokens.weight"].clone()  # a head stored, equal or not:
+    separate = q.Qwen3Model(tiny_config())                                  # the book copies it apart
+    q.load_hf_weights_into_qwen(separate, separate.cfg, params)
+    assert separate.out_head.weight is not separate.tok_emb.weight
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     del params["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match="1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"):
@@ -1197,6 +1227,12 @@ def test_sample_next_token_keeps_only_the_allowed_tokens():
     assert draws == {0, 1}
     draws = {q.sample_next_token(logits, 1.0, top_p=0.85).item() for _ in range(300)}  # 0.5 + 0.3 < 0.85
     assert draws == {0, 1, 2}
+    batch = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.05, 0.05, 0.45, 0.45]]))  # each row: its own k-th
+    seen = [set(), set()]
+    for _ in range(200):
+        for row, token in enumerate(q.sample_next_token(batch, 1.0, top_k=2).view(-1).tolist()):
+            seen[row].add(token)
+    assert seen == [{0, 1}, {2, 3}]
 
 
 class StandIn:
