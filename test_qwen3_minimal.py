@@ -1201,6 +1201,7 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_a_clear_error():
     with pytest.raises(ValueError, match="the prompt \\(60 tokens\\) plus max_new_tokens \\(5\\) exceed the context "
                                          "length of 64"):
         q.generate_text_basic_cache(model, prompt_ids(length=60), 5)
+    assert q.generate_text_basic_cache(model, prompt_ids(length=60), 4).shape == (1, 4)  # exactly the context
 
 
 def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
@@ -1488,10 +1489,10 @@ def test_fast_generator_feeds_one_token_per_step_into_one_cache_allocated_once()
     model.register_forward_hook(lambda m, args, kwargs, out: passes.append(
         (args[0].shape[1], kwargs["cache"] is cache, [b.data_ptr() for pair in cache.buffers for b in pair],
          cache.buffers[0][0].shape[2])), with_kwargs=True)
-    for new_tokens, capacity in [(5, 256), (300, 512)]:  # prompt + new tokens, rounded up to 256
-        passes.clear()
-        generator.generate(prompt_ids(length=7), new_tokens)
-        assert [(fed, given) for fed, given, _, _ in passes] == [(7, True)] + [(1, True)] * (new_tokens - 1)
+    for prompt, new_tokens, capacity in [(7, 5, 256), (250, 10, 512), (7, 300, 512)]:  # prompt + new tokens,
+        passes.clear()                                                                  # rounded up to 256
+        generator.generate(prompt_ids(length=prompt), new_tokens)
+        assert [(fed, given) for fed, given, _, _ in passes] == [(prompt, True)] + [(1, True)] * (new_tokens - 1)
         assert all(buffers == passes[0][2] and size == capacity for _, _, buffers, size in passes)
     assert generator.cache is cache and cache.get(0)[0].shape[2] == model.current_pos == 7 + 299
 
