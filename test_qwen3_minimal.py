@@ -508,6 +508,9 @@ def test_kv_cache_with_max_len_allocates_once_and_writes_in_place():
     cache.reset()                                                  # a new sequence: the buffer stays
     cache.append(0, keys[:, :, :3], keys[:, :, :3])
     assert cache.buffers[0][0] is buffer and cache.get(0)[0].shape[2] == 3
+    exact = q.KVCache(n_layers=1, max_len=512)                     # a multiple of 256 stays as it is
+    exact.append(0, keys[:, :, :1], keys[:, :, :1])
+    assert exact.buffers[0][0].shape[2] == 512
 
 
 class BookStyleCache:
@@ -2358,8 +2361,11 @@ def test_a_full_disk_says_so_and_keeps_the_partial_file_for_resuming(hub, tmp_pa
             self.file.write(chunk)
 
     monkeypatch.setattr(q, "open", FullDisk, raising=False)  # the module's open(), as the download uses it
+    hub.add("mirror", "qwen3-0.6B-base.pth", os.urandom(3 << 20), lfs=True)
     with pytest.raises(q.DownloadError, match="the disk is full while writing .*incomplete: free some space"):
-        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
+        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path,
+                        backup_url=q.hub_url("mirror", "qwen3-0.6B-base.pth"))
+    assert not any("/mirror/" in entry[0] for entry in hub.log)  # a full disk: no use trying the backup
     assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth.incomplete"]
     monkeypatch.delattr(q, "open")
     hub.log.clear()
