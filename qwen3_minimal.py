@@ -233,20 +233,23 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm: x / sqrt(mean(x^2) + eps) * scale. Unlike LayerNorm it does not
     subtract the mean and has no bias, which saves work and trains just as well."""
 
-    def __init__(self, emb_dim, eps=1e-6, dtype=None):
+    def __init__(self, emb_dim, eps=1e-6):
         super().__init__()
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(emb_dim, dtype=dtype))
+        # float32 whatever the model's dtype, as in the book: near 1.0 bfloat16 numbers lie 1/128
+        # apart, so a bfloat16 scale could never take the small steps that training makes
+        self.scale = nn.Parameter(torch.ones(emb_dim, dtype=torch.float32))
 
     def forward(self, x):
         input_dtype = x.dtype
         x = x.to(torch.float32)  # squares of bfloat16 values lose too much precision
         # x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps), in one fused kernel
         x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        # As in transformers: cast back first, then multiply by the scale in the model's dtype.
-        # (The book's RMSNorm multiplies in float32 and casts after; in bfloat16 that rounds
-        # differently, so its logits differ from the reference in the last bits.)
-        return self.scale * x.to(input_dtype)
+        # As in transformers: cast back first, then multiply by the scale in the input's dtype.
+        # A scale loaded from a bfloat16 checkpoint casts back exactly, so in bfloat16 the result
+        # is transformers' to the bit. (The book multiplies in float32 and casts after: its
+        # logits differ from the reference in the last bits.)
+        return self.scale.to(input_dtype) * x.to(input_dtype)
 
 
 # Rotary position embeddings (RoPE) tell attention where each token sits: every query and key
@@ -278,11 +281,12 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
 
 def apply_rope(x, cos, sin):
     """Rotate x of shape (b, heads, T, head_dim) to its T positions, whose rows of the tables
-    cos and sin, (T, head_dim), Qwen3Model.forward picks."""
+    cos and sin Qwen3Model.forward picks: (1, T, head_dim), or (b, 1, T, head_dim) when each row
+    of a batch has positions of its own."""
     head_dim = x.shape[3]
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # broadcast over b and heads
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # broadcast over heads (and b)
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]  # (b, heads, T, head_dim / 2) each
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
@@ -298,10 +302,12 @@ class KVCache:
     works with any cache that has them (update_kv_cache, right below).
 
     Beyond the book, a "static" cache as in gpt-fast: append() writes the new entries by index
-    into buffers allocated once, instead of copying every cached key into a longer tensor at each
-    step. Give max_len, the most positions a sequence will need, to allocate it all at the first
-    write; without it the buffers grow as needed, in steps of 256 positions (each growth copies
-    what is held). reset() forgets the entries and keeps the buffers for the next sequence.
+    into buffers allocated at a sequence's first write, instead of copying every cached key into
+    a longer tensor at each step. Give max_len, the most positions a sequence will need, to
+    allocate it all at once; without it the buffers grow as needed, in steps of 256 positions
+    (each growth copies what is held). What get() returns are views of those buffers; later
+    writes go after them, and reset() gives the next sequence new buffers, so a view taken once
+    keeps its values, as with the book's cache. What update() stores replaces what a layer held.
     """
 
     def __init__(self, n_layers, max_len=None):
@@ -314,26 +320,25 @@ class KVCache:
 
     def update(self, layer_idx, value):
         self.cache[layer_idx] = value
+        self.buffers[layer_idx] = None    # the next append() copies `value` into new buffers
 
     def get_all(self):
         return self.cache
 
     def reset(self):
         self.cache = [None] * len(self.cache)
+        self.buffers = [None] * len(self.buffers)
 
     def append(self, layer_idx, keys, values):
         """Write a layer's new keys and values, (b, kv_heads, T, head_dim), after the S0 it holds
         and return all of them, (b, kv_heads, S0 + T, head_dim): views of the buffers."""
-        held = self.cache[layer_idx]
+        held, buffers = self.cache[layer_idx], self.buffers[layer_idx]
         start = 0 if held is None else held[0].shape[2]
         end = start + keys.shape[2]
-        needed = max(end, self.max_len or 0) if held is None else end  # max_len: all of it at the first write
-        buffers = self.buffers[layer_idx]
-        if (buffers is None or buffers[0].shape[2] < needed or buffers[0].shape[:2] != keys.shape[:2]
-                or buffers[0].dtype != keys.dtype or buffers[0].device != keys.device):
-            capacity = -(-needed // 256) * 256  # rounded up to a multiple of 256
+        if buffers is None or buffers[0].shape[2] < end:  # a sequence's first write, or full
+            capacity = -(-max(end, self.max_len or 0) // 256) * 256  # rounded up to a multiple of 256
             buffers = tuple(keys.new_empty(*keys.shape[:2], capacity, keys.shape[3]) for _ in range(2))
-            if held is not None:  # what the old buffers held (or what update() stored) moves along
+            if held is not None:  # what the old buffers held, or what update() stored
                 buffers[0][:, :, :start], buffers[1][:, :, :start] = held
             self.buffers[layer_idx] = buffers
         buffers[0][:, :, start:end] = keys
@@ -379,11 +384,12 @@ class GroupedQueryAttention(nn.Module):
         self.W_value = nn.Linear(d_in, num_kv_groups * head_dim, bias=False, dtype=dtype)
         self.out_proj = nn.Linear(self.d_out, d_in, bias=False, dtype=dtype)
         # Every Qwen3 model uses QK-norm; the config flag is kept for the book's config dicts.
-        self.q_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim, eps=1e-6, dtype=dtype) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
-        """mask: (T, S), True where a new token may see a position; cos, sin: (T, head_dim)."""
+        """mask: (1, T, S) or (b, 1, T, S), True where a new token may see a position;
+        cos, sin: (1, T, head_dim) or (b, 1, T, head_dim): see Qwen3Model.forward."""
         b, T, _ = x.shape
         queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)     # (b, T, num_heads, head_dim)
         keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)      # (b, T, num_kv_groups, head_dim)
@@ -404,7 +410,7 @@ class GroupedQueryAttention(nn.Module):
             # head g*group_size + j, token t becomes row j*T + t of group g, and the mask repeats
             # for each j. (enable_gqa=True says the same in one flag, but copies the kv heads.)
             grouped = queries.reshape(b, self.num_kv_groups, self.group_size * T, self.head_dim)
-            grouped_mask = mask.repeat(self.group_size, 1)                   # (group_size * T, S)
+            grouped_mask = mask.tile(self.group_size, 1)             # (1 or b, ..., group_size * T, S)
             context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=grouped_mask)
             context = context.reshape(b, self.num_heads, T, self.head_dim)  # (kernels may not return it contiguous)
         else:
@@ -442,8 +448,8 @@ class TransformerBlock(nn.Module):
         self.att = GroupedQueryAttention(cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_groups"],
                                          cfg["head_dim"], cfg["qk_norm"], cfg["dtype"])
         self.ff = FeedForward(cfg)
-        self.norm1 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
-        self.norm2 = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
+        self.norm1 = RMSNorm(cfg["emb_dim"], eps=1e-6)
+        self.norm2 = RMSNorm(cfg["emb_dim"], eps=1e-6)
 
     def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
         x = x + self.att(self.norm1(x), mask, cos, sin, cache, layer_idx)
@@ -475,7 +481,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"], dtype=cfg["dtype"])
         self.trf_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = RMSNorm(cfg["emb_dim"], eps=1e-6, dtype=cfg["dtype"])
+        self.final_norm = RMSNorm(cfg["emb_dim"], eps=1e-6)
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False, dtype=cfg["dtype"])
         if cfg.get("tie_word_embeddings", False):
             self.out_head.weight = self.tok_emb.weight  # one Parameter, printed under both names
@@ -495,29 +501,43 @@ class Qwen3Model(nn.Module):
         reset KVCache)."""
         self.current_pos = 0
 
-    def forward(self, in_idx, cache=None, last_only=False):
+    def forward(self, in_idx, cache=None, last_only=False, attn_mask=None):
         """in_idx: token ids (b, T) -> logits (b, T, vocab_size), or (b, 1, vocab_size) for
-        the last position only when last_only=True (all that generation needs)."""
+        the last position only when last_only=True (all that generation needs).
+
+        attn_mask: for prompts of different lengths in one batch, each padded on the left to
+        the longest, as the book's batched model takes it: (b, S), True for real tokens and False
+        for the padding, over every position so far (the cached ones and the T new ones)."""
         if in_idx.dim() != 2 or in_idx.dtype.is_floating_point or in_idx.dtype == torch.bool:
             raise ValueError(f"token ids must be integers of shape (batch, tokens), got {in_idx.dtype} of shape "
                              f"{tuple(in_idx.shape)}: use torch.tensor([ids]) for one sequence")
-        T = in_idx.shape[1]
-        start_pos = self.current_pos if cache is not None else 0
+        b, T = in_idx.shape
+        held = cache.get(0) if cache is not None else None  # (keys, values) of the positions so far
+        start_pos = 0 if held is None else self.current_pos  # an empty cache begins a new sequence
         end_pos = start_pos + T
         if end_pos > self.cfg["context_length"]:
             raise ValueError(f"{end_pos} tokens exceed the model's context length of "
                              f"{self.cfg['context_length']}: shorten the input")
-        held = cache.get(0) if cache is not None else None
-        if (0 if held is None else held[0].shape[2]) != start_pos:
-            raise ValueError(f"the KV cache holds {held[0].shape[2] if held else 0} positions but the model "
-                             f"stands at position {start_pos}: begin each new sequence with a fresh (or reset) "
+        if held is not None and held[0].shape[0] != b:
+            raise ValueError(f"the KV cache holds a batch of {held[0].shape[0]} rows but the input has {b}: "
+                             f"begin each new batch with a fresh (or reset) cache")
+        if held is not None and held[0].shape[2] != start_pos:
+            raise ValueError(f"the KV cache holds {held[0].shape[2]} positions but the model stands at "
+                             f"position {start_pos}: begin each new sequence with a fresh (or reset) "
                              f"cache and model.reset_kv_cache()")
 
         # The new tokens sit at positions start_pos .. end_pos - 1 and see every position up to
         # their own: cached ones, themselves and the new ones before them (the causal mask).
-        positions = torch.arange(start_pos, end_pos, device=in_idx.device)
-        mask = torch.arange(end_pos, device=in_idx.device) <= positions[:, None]  # (T, S), True = visible
-        cos, sin = self.cos[start_pos:end_pos], self.sin[start_pos:end_pos]       # (T, head_dim)
+        positions = torch.arange(start_pos, end_pos, device=in_idx.device)[None]       # (1, T): every row alike
+        mask = torch.arange(end_pos, device=in_idx.device) <= positions[..., None]    # (1, T, S), True = visible
+        if attn_mask is not None:
+            real = padding_mask(attn_mask, b, end_pos)                                # (b, S)
+            # Each row numbers its own real tokens from 0, as it would alone; real tokens see
+            # only real ones, padding only padding (so that no row of a softmax is empty)
+            positions = (real.cumsum(dim=1) - 1).clamp(min=0)[:, start_pos:]         # (b, T)
+            mask = mask & (real[:, None, :] == real[:, start_pos:, None])             # (b, T, S)
+        mask = mask[:, None]                                                          # (1 or b, 1, T, S): all heads
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]         # (1 or b, 1, T, head_dim)
 
         x = self.tok_emb(in_idx)                                 # (b, T, emb_dim)
         for i, block in enumerate(self.trf_blocks):
@@ -527,6 +547,21 @@ class Qwen3Model(nn.Module):
         if last_only:
             x = x[:, -1:]                                        # (b, 1, emb_dim)
         return self.out_head(self.final_norm(x))                 # (b, T, vocab_size)
+
+
+def padding_mask(attn_mask, batch_size, positions):
+    """Check a left-padding mask (b, S) and return it as booleans, True for real tokens."""
+    if tuple(attn_mask.shape) != (batch_size, positions):
+        raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, but the input needs ({batch_size}, "
+                         f"{positions}): one row per sequence, one column per position so far (cached and new)")
+    real = attn_mask.to(torch.bool)
+    if not real.any(dim=1).all():
+        raise ValueError(f"row {int((~real.any(dim=1)).nonzero()[0])} of attn_mask has no real token: "
+                         f"give every row at least one token")
+    if (real[:, 1:] < real[:, :-1]).any():
+        raise ValueError("attn_mask has padding after a real token: pad each row on the left (padding "
+                         "first, then the tokens), as a batch for generation needs")
+    return real
 
 
 # The book's config dicts, one comment per key. "n_kv_groups" is the number of key/value heads.
@@ -1109,21 +1144,36 @@ def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
     return run
 
 
-def prefill(model, token_ids, cache, float32_prompts=None):
-    """The prompt (b, T) through the model, filling the cache: the scores of its last position,
+def prefill(model, token_ids, cache, float32_prompts=None, attn_mask=None):
+    """The prompts (b, T) through the model, filling the cache: the scores of their last position,
     (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly.
     float32_prompts: inside float32_products() or not (None: FLOAT32_PROMPTS decides)."""
     if float32_prompts is None:
         float32_prompts = FLOAT32_PROMPTS
     products = float32_products() if float32_prompts else contextlib.nullcontext()
-    with products, fastest_kernels(token_ids.shape[1], model.tok_emb.weight.dtype):
-        return model(token_ids, cache=cache, last_only=True)[:, -1]
+    with products, fastest_kernels(token_ids.numel(), model.tok_emb.weight.dtype):
+        return model(token_ids, cache=cache, last_only=True, attn_mask=attn_mask)[:, -1]
 
 
-def decode_one_token(model, token, cache):
-    """One new token (b, 1) through the model, after the positions in the cache: its scores,
-    (b, vocab_size). The step that torch.compile compiles."""
-    return model(token, cache=cache, last_only=True)[:, -1]
+def decode_one_token(model, token, cache, attn_mask=None):
+    """One new token per row (b, 1) through the model, after the positions in the cache: its
+    scores, (b, vocab_size). The step that torch.compile compiles."""
+    return model(token, cache=cache, last_only=True, attn_mask=attn_mask)[:, -1]
+
+
+def left_padded(prompts, device):
+    """Prompts of any lengths (lists of ids) -> one batch (b, T), each padded on the left to the
+    longest, and its mask (b, T), True for real tokens (None where no prompt needs padding). A
+    tensor (b, T) is already a batch. The padding is token 0: the mask keeps it out of sight."""
+    if isinstance(prompts, torch.Tensor):
+        return prompts, None
+    if not prompts or not all(isinstance(ids, (list, tuple)) and ids for ids in prompts):
+        raise ValueError("prompts must be a tensor (batch, tokens) or a list of non-empty lists of token ids, "
+                         "e.g. [tokenizer.encode(text) for text in texts]")
+    longest = max(len(ids) for ids in prompts)
+    token_ids = torch.tensor([[0] * (longest - len(ids)) + list(ids) for ids in prompts], device=device)
+    attn_mask = torch.tensor([[False] * (longest - len(ids)) + [True] * len(ids) for ids in prompts], device=device)
+    return token_ids, None if attn_mask.all() else attn_mask
 
 
 class FastGenerator:
@@ -1131,7 +1181,10 @@ class FastGenerator:
 
         generator = FastGenerator(model, compile=True)   # held by the caller, reused across calls
         new_tokens = generator.generate(token_ids, max_new_tokens=64)
+        answers = generator.generate([tokenizer.encode(q) for q in questions], max_new_tokens=64)
 
+    Several prompts run as one batch: a decode step reads every weight once, whether it serves
+    one row or sixteen, so on a CPU a batch costs little more than a single prompt.
     compile: run decode_one_token through torch.compile (section 2.9), compiled at the first
     call and kept here for the later ones. float32_prompts: run prompts inside
     float32_products() or not (default: where the CPU lacks bfloat16 arithmetic, FLOAT32_PROMPTS).
@@ -1146,63 +1199,80 @@ class FastGenerator:
         self.decode = compiled_or_eager(decode_one_token, settings) if compile else decode_one_token
 
     @torch.inference_mode()
-    def stream(self, token_ids, max_new_tokens, eos_token_id=None, temperature=0.0, top_k=None, top_p=None,
+    def stream(self, prompts, max_new_tokens, eos_token_id=None, temperature=0.0, top_k=None, top_p=None,
                timings=None):
-        """Yield up to max_new_tokens new token ids, each of shape (b, 1).
+        """Yield the new tokens step by step, each step a tensor (b, 1): one token per row.
 
-        eos_token_id: an id or a list of ids; generation stops when every row of the batch
-        produced one at the same step (it is not yielded). temperature, top_k, top_p: sampling,
-        see sample_next_token (default: greedy). timings: a dict to fill with prompt_tokens,
-        prefill_s, new_tokens, decode_s.
+        prompts: token ids (b, T), or a list of b lists of token ids of any lengths. eos_token_id:
+        an id or a list of ids; each row ends at its own, which is not yielded: from then on the
+        row's entries are -1 (no token), and the stream ends once every row has ended.
+        temperature, top_k, top_p: sampling per row, see sample_next_token (default: greedy).
+        timings: a dict to fill with prompt_tokens, prefill_s, steps, new_tokens (every row's),
+        and decode_tokens and decode_s (the tokens after each row's first, and their time).
         """
         model = self.model
+        token_ids, attn_mask = left_padded(prompts, model.tok_emb.weight.device)  # (b, T), (b, T) or None
         check_generation_args(model, token_ids, max_new_tokens)
-        self.cache.max_len = token_ids.shape[1] + max_new_tokens  # allocated once, for every position
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=token_ids.device)
+        ended = torch.zeros_like(token_ids[:, :1], dtype=torch.bool)  # (b, 1)
+        self.cache.max_len = token_ids.shape[1] + max_new_tokens     # allocated once, for every position
         self.cache.reset()
         model.reset_kv_cache()
         start = time.perf_counter()
-        logits = prefill(model, token_ids, self.cache, self.float32_prompts)  # (b, vocab_size)
+        logits = prefill(model, token_ids, self.cache, self.float32_prompts, attn_mask)  # (b, vocab_size)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
             if timings is not None:
                 _synchronize(token_ids.device)
                 if step == 0:
-                    timings.update(prompt_tokens=token_ids.shape[1], prefill_s=time.perf_counter() - start)
-                timings.update(new_tokens=step + 1, decode_s=time.perf_counter() - start - timings["prefill_s"])
-            if is_eos(next_token, eos_token_id):
+                    real = token_ids.numel() if attn_mask is None else int(attn_mask.sum())
+                    timings.update(prompt_tokens=real, prefill_s=time.perf_counter() - start, new_tokens=0)
+                timings["new_tokens"] += int((~ended).sum())  # the rows still generating
+                timings.update(steps=step + 1, decode_tokens=timings["new_tokens"] - len(ended),
+                               decode_s=time.perf_counter() - start - timings["prefill_s"])
+            ended |= torch.isin(next_token, eos)
+            if ended.all():
                 break
-            yield next_token
+            yield next_token.masked_fill(ended, -1)
             if step == max_new_tokens - 1:
                 break  # no forward pass for a token nobody asks for
-            with fastest_kernels(1, model.tok_emb.weight.dtype):
-                logits = self.decode(model, next_token, self.cache)
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, (0, 1), value=True)  # (b, S + 1): the new token is real
+            with fastest_kernels(len(next_token), model.tok_emb.weight.dtype):  # rows: one token each
+                logits = self.decode(model, next_token, self.cache, attn_mask)
 
-    def generate(self, token_ids, max_new_tokens, eos_token_id=None, **options):
-        """Return the new tokens, (b, n); options as for stream()."""
-        return concat_new_tokens(list(self.stream(token_ids, max_new_tokens, eos_token_id, **options)), token_ids)
+    def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):
+        """Return the new tokens: for a tensor of prompts a tensor (b, n), -1 after a row's end;
+        for a list of prompts a list of lists, each row's tokens up to its end. Options as for
+        stream()."""
+        tokens = self.stream(prompts, max_new_tokens, eos_token_id, **options)
+        if isinstance(prompts, torch.Tensor):
+            return concat_new_tokens(list(tokens), prompts)
+        rows = concat_new_tokens(list(tokens), torch.zeros(len(prompts), 0, dtype=torch.long)).tolist()
+        return [[token for token in row if token != -1] for row in rows]
 
 
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
     """Print, and return as a dict, what the command line shows after a generation: time, tokens
-    per second and, with FastGenerator's timings, time to first token (the prefill) and decode
-    speed; with the model, the memory bandwidth decoding achieved (weight bytes per token x
-    tokens/s, to compare with the roofline); and peak memory."""
-    total_s = end_time - start_time
-    stats = {"time_s": total_s, "tokens": output_token_ids.numel(), "tokens_per_s": output_token_ids.numel() / total_s}
+    per second (every row's; -1 marks no token) and, with FastGenerator's timings, time to first
+    token (the prefill) and decode speed; with the model, the memory bandwidth decoding achieved
+    (weight bytes read per step x steps/s, to compare with the roofline); and peak memory."""
+    total_s, tokens = end_time - start_time, int((output_token_ids >= 0).sum())
+    stats = {"time_s": total_s, "tokens": tokens, "tokens_per_s": tokens / total_s}
     lines = [f"\n\nTime: {total_s:.2f} sec", f"{stats['tokens_per_s']:.1f} tokens/sec"]
     if timings and timings.get("new_tokens"):
         stats.update(time_to_first_token_s=timings["prefill_s"],
                      prefill_tokens_per_s=timings["prompt_tokens"] / timings["prefill_s"])
         lines.append(f"time to first token: {timings['prefill_s']:.2f} s "
                      f"(prefill: {stats['prefill_tokens_per_s']:.1f} tokens/s for {timings['prompt_tokens']} tokens)")
-        if timings["new_tokens"] > 1 and timings["decode_s"] > 0:
-            stats["decode_tokens_per_s"] = (timings["new_tokens"] - 1) / timings["decode_s"]
+        if timings["decode_tokens"] > 0 and timings["decode_s"] > 0:
+            stats["decode_tokens_per_s"] = timings["decode_tokens"] / timings["decode_s"]
             lines.append(f"decode: {stats['decode_tokens_per_s']:.1f} tokens/s")
-            if model is not None:
-                per_token = weight_bytes_per_token(model)
-                stats["bandwidth_gb_per_s"] = per_token * stats["decode_tokens_per_s"] / 1e9
+            if model is not None:  # one step reads every weight once, whatever the number of rows
+                per_step = weight_bytes_per_token(model)
+                stats["bandwidth_gb_per_s"] = per_step * (timings["steps"] - 1) / timings["decode_s"] / 1e9
                 lines.append(f"memory bandwidth: {stats['bandwidth_gb_per_s']:.1f} GB/s "
-                             f"({per_token / 1e9:.2f} GB of weights read per token)")
+                             f"({per_step / 1e9:.2f} GB of weights read per step)")
     peak, what = peak_memory(output_token_ids.device)
     if peak is not None:
         stats["peak_memory_gb"] = peak / 2**30

@@ -413,13 +413,43 @@ def test_rmsnorm_equals_transformers_bit_for_bit(dtype):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     torch.manual_seed(0)
-    ours, theirs = q.RMSNorm(64, dtype=dtype), Qwen3RMSNorm(64, eps=1e-6).to(dtype)
+    ours, theirs = q.RMSNorm(64), Qwen3RMSNorm(64, eps=1e-6).to(dtype)
     with torch.no_grad():
-        ours.scale.copy_(1 + torch.randn(64))
+        ours.scale.copy_((1 + torch.randn(64)).to(dtype))  # a checkpoint's values, kept in float32
         theirs.weight.copy_(ours.scale)
     x = (3 * torch.randn(2, 5, 64)).to(dtype)
-    assert ours(x).dtype == dtype
+    assert ours.scale.dtype == torch.float32 and ours(x).dtype == dtype
     assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_moves_every_parameter_as_the_books_model_does(dtype):
+    """One AdamW step at chapter 6's learning rate: a bfloat16 norm scale could not move by 1e-5
+    (near 1.0, bfloat16 values lie 1/128 apart); ours is float32, as the book's is."""
+    from reasoning_from_scratch.qwen3 import Qwen3Model as BookModel
+
+    cfg = tiny_config(dtype=dtype)
+    ours, book = random_model(cfg, seed=3), BookModel(cfg)
+    book.load_state_dict(ours.state_dict())
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in book.named_parameters()}
+    ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    moves = []
+    for model in (ours, book):
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+        logits = model(ids[:, :-1]).float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        moves.append({name: (param.detach() - before[name]).float() for name, param in model.named_parameters()})
+    for name, ours_move in moves[0].items():
+        book_move = moves[1][name]
+        assert torch.equal(ours_move != 0, book_move != 0), name  # the same entries move
+        if name.endswith("scale"):  # float32 in both: AdamW's first step moves each entry by about lr
+            assert bool((ours_move.abs() - 1e-5).abs().max() < 1e-6), name
+            # the same way; in bfloat16 the two forward passes round apart, which can flip the sign
+            # of a gradient near 0
+            same_way = (ours_move.sign() == book_move.sign()).float().mean()
+            assert same_way == 1 if dtype == torch.float32 else same_way > 0.9, name
 
 
 @needs_transformers
@@ -477,6 +507,41 @@ def test_kv_cache_has_the_books_four_methods():
     assert cache.get_all() == [None, None, None]
 
 
+def test_kv_cache_update_replaces_what_append_wrote():
+    """A layer's entries stored with update() are what the next append() continues, as with the
+    book's cache, even where earlier appends left buffers that could still take them."""
+    model = peaked_model()
+    a, b = prompt_ids(length=9), prompt_ids(length=12) + 1
+    cache = q.KVCache(n_layers=2)
+    with torch.no_grad():
+        model.reset_kv_cache()
+        model(a, cache=cache)
+        kept = [cache.get(i) for i in range(2)]
+        cache.reset()
+        model.reset_kv_cache()
+        model(b, cache=cache)                       # B's entries in the buffers
+        for i, entries in enumerate(kept):
+            cache.update(i, entries)                # back to A's
+        model.current_pos = a.shape[1]
+        step = model(torch.tensor([[5]]), cache=cache)[:, -1]
+        assert_close_in_dtype(step, model(torch.cat([a, torch.tensor([[5]])], dim=1))[:, -1])
+
+
+def test_entries_taken_from_the_kv_cache_keep_their_values_after_reset_and_a_new_sequence():
+    model = peaked_model()
+    cache = q.KVCache(n_layers=2, max_len=64)
+    with torch.no_grad():
+        model.reset_kv_cache()
+        model(prompt_ids(length=9), cache=cache)
+        keys, values = cache.get(1)
+        kept = keys.clone(), values.clone()
+        model(torch.tensor([[3]]), cache=cache)     # a later write of the same sequence
+        cache.reset()
+        model.reset_kv_cache()
+        model(prompt_ids(length=9) + 2, cache=cache)  # the next sequence
+    assert torch.equal(keys, kept[0]) and torch.equal(values, kept[1])
+
+
 def test_kv_cache_grows_past_its_buffer_keeping_every_entry():
     cache = q.KVCache(n_layers=1)
     keys, values = torch.randn(2, 1, 2, 300, 4).unbind(0)
@@ -505,9 +570,10 @@ def test_kv_cache_with_max_len_allocates_once_and_writes_in_place():
     for position in range(5, 600):
         cache.append(0, keys[:, :, position:position + 1], keys[:, :, position:position + 1])
     assert cache.buffers[0][0] is buffer and torch.equal(cache.get(0)[0], keys)
-    cache.reset()                                                  # a new sequence: the buffer stays
+    cache.reset()                                                  # a new sequence: new buffers
     cache.append(0, keys[:, :, :3], keys[:, :, :3])
-    assert cache.buffers[0][0] is buffer and cache.get(0)[0].shape[2] == 3
+    assert cache.buffers[0][0] is not buffer and cache.buffers[0][0].shape[2] == 768
+    assert cache.get(0)[0].shape[2] == 3
     exact = q.KVCache(n_layers=1, max_len=512)                     # a multiple of 256 stays as it is
     exact.append(0, keys[:, :, :1], keys[:, :, :1])
     assert exact.buffers[0][0].shape[2] == 512
@@ -556,23 +622,36 @@ def test_the_chapters_kv_cache_loop_gives_the_uncached_tokens(make_cache):
     assert torch.equal(tokens, q.generate_text_basic(model, token_ids, 15))
 
 
-def test_a_new_sequence_without_reset_kv_cache_is_a_clear_error():
+def test_an_empty_cache_begins_a_sequence_and_a_cache_not_reset_is_a_clear_error():
+    """The book's batched loops take a fresh KVCache and never call reset_kv_cache(): an empty
+    cache can only mean position 0. A cache that still holds a sequence must agree with
+    model.current_pos."""
     model = peaked_model()
     with torch.no_grad():
+        expected = model(prompt_ids())
         used = q.KVCache(n_layers=2)
         model(prompt_ids(), cache=used)
-        used.reset()  # forgets the entries, keeps the buffers
-        for cache in (q.KVCache(n_layers=2), BookStyleCache(n_layers=2), used):  # forgot model.reset_kv_cache()
-            with pytest.raises(ValueError, match="model stands at position 7: begin each new sequence with .*"
-                                                 "model.reset_kv_cache\\(\\)"):
-                model(prompt_ids(), cache=cache)
-        model.reset_kv_cache()
+        used.reset()
+        for cache in (q.KVCache(n_layers=2), BookStyleCache(n_layers=2), used):  # no model.reset_kv_cache()
+            assert model.current_pos == 7
+            assert torch.equal(model(prompt_ids(), cache=cache), expected)
         for cache in (BookStyleCache(n_layers=2), q.KVCache(n_layers=2)):  # forgot to reset the cache
             model(prompt_ids(), cache=cache)
             model.reset_kv_cache()
-            with pytest.raises(ValueError, match="the KV cache holds 7 positions but the model stands at position 0"):
+            with pytest.raises(ValueError, match="the KV cache holds 7 positions but the model stands at position 0: "
+                                                 "begin each new sequence with a fresh \\(or reset\\) cache"):
                 model(prompt_ids(), cache=cache)
-        model(prompt_ids(), cache=q.KVCache(n_layers=2))
+
+
+@pytest.mark.parametrize("make_cache", [q.KVCache, BookStyleCache])
+def test_a_cache_of_another_batch_size_is_a_clear_error(make_cache):
+    model = peaked_model()
+    cache = make_cache(n_layers=2)
+    with torch.no_grad():
+        model(prompt_ids(batch=1), cache=cache)
+        with pytest.raises(ValueError, match="the KV cache holds a batch of 1 rows but the input has 2: begin each "
+                                             "new batch with a fresh \\(or reset\\) cache"):
+            model(prompt_ids(batch=2, length=1), cache=cache)
 
 
 def test_a_call_without_a_cache_leaves_the_cached_sequence_where_it_stands():
@@ -789,6 +868,84 @@ def test_the_books_model_and_cache_work_with_ours_both_ways():
     with torch.no_grad():
         first = ours(ids, cache=cache)[:, -1].argmax(-1)
     assert first.item() == expected[0, 0].item() and cache.get(1)[0].shape[2] == 8
+
+
+# A batch of prompts of different lengths: left padding and a mask, as the book's batched model takes them
+
+def padded_batch(lengths=(5, 12, 9), seed=5):
+    """Prompts of these lengths, each padded on the left to the longest: (prompts, ids (b, T), mask (b, T))."""
+    prompts = [prompt_ids(length=n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+    longest = max(lengths)
+    ids = torch.stack([torch.cat([torch.full((longest - len(p),), 7), p]) for p in prompts])  # pads: any id
+    mask = torch.stack([torch.arange(longest) >= longest - len(p) for p in prompts])
+    return prompts, ids, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make_cache", [None, q.KVCache, BookStyleCache])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_padded_row_gives_the_logits_of_its_prompt_alone(dtype, make_cache, fused, monkeypatch):
+    """Every real position of every row, through a prompt and three one-token steps (with a cache),
+    or in one pass (without)."""
+    monkeypatch.setattr(q.GroupedQueryAttention, "fused", fused)
+    model = peaked_model(dtype=dtype)
+    prompts, ids, mask = padded_batch()
+    new = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33]])  # a token per row for each step
+    with torch.no_grad():
+        if make_cache is None:
+            batch = model(torch.cat([ids, new], dim=1), attn_mask=torch.cat([mask, torch.ones_like(new, dtype=torch.bool)], 1))
+        else:
+            cache = make_cache(n_layers=2)
+            steps = [model(ids, cache=cache, attn_mask=mask)]
+            for step in range(3):
+                mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], dim=1)
+                steps.append(model(new[:, step:step + 1], cache=cache, attn_mask=mask))
+            batch = torch.cat(steps, dim=1)                                     # (3, 12 + 3, vocab)
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, new[row]])[None])[0]               # (len + 3, vocab)
+            assert_close_in_dtype(batch[row, -len(alone):], alone)
+            assert torch.equal(batch[row, -len(alone):].argmax(-1), alone.argmax(-1))
+            assert batch[row].isfinite().all()                                  # the padding's rows too
+
+
+def test_a_mask_without_padding_changes_nothing():
+    model = peaked_model()
+    ids = prompt_ids(batch=2, length=9)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attn_mask=torch.ones(2, 9, dtype=torch.bool)), model(ids))
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.ones(3, 11, dtype=torch.bool), "attn_mask has shape \\(3, 11\\), but the input needs \\(3, 12\\): "
+                                          "one row per sequence, one column per position so far"),
+    (torch.ones(12, dtype=torch.bool), "attn_mask has shape \\(12,\\), but the input needs \\(3, 12\\)"),
+    (torch.arange(12).expand(3, 12) < 9, "attn_mask has padding after a real token: pad each row on the left"),
+    (torch.arange(12).expand(3, 12) >= torch.tensor([[0], [12], [3]]), "row 1 of attn_mask has no real token"),
+])
+def test_a_mask_that_is_not_left_padding_of_the_input_is_a_clear_error(mask, message):
+    _, ids, _ = padded_batch()
+    with pytest.raises(ValueError, match=message):
+        peaked_model()(ids, attn_mask=mask)
+
+
+def test_the_books_batched_loops_drive_our_model_as_they_drive_the_books_batched_model():
+    from reasoning_from_scratch import qwen3_batched as book
+
+    ours = peaked_model()
+    theirs = book.Qwen3Model({**ours.cfg}).eval()
+    theirs.load_state_dict(ours.state_dict())
+    prompts, ids, mask = padded_batch()
+    alone = [q.generate_text_basic_cache(ours, prompt[None], 10)[0] for prompt in prompts]
+    eos = int(alone[2][5])  # the third row ends at its sixth token, the others run on
+    assert all(eos not in row.tolist() for row in alone[:2]) and eos not in alone[2][:5].tolist()
+    for loop in (book.generate_text_basic_batched_cache, book.generate_text_basic_batched_cache_stop):
+        expected = loop(theirs, ids, 10, eos_token_id=eos, attn_mask=mask)
+        assert torch.equal(loop(ours, ids, 10, eos_token_id=eos, attn_mask=mask), expected)
+        assert torch.equal(expected[:2], torch.stack(alone[:2]))  # the rows of the prompts alone
+    for loop in (book.generate_text_basic_batched_stream_cache, book.generate_text_basic_batched_stream_cache_stop):
+        expected = torch.cat(list(loop(theirs, ids, 10, eos_token_id=eos, attn_mask=mask)), dim=1)
+        assert torch.equal(torch.cat(list(loop(ours, ids, 10, eos_token_id=eos, attn_mask=mask)), dim=1), expected)
+    assert ours.current_pos == 12 + 10  # the prompt and a step after each of the 10 tokens
 
 
 def compile_count():
@@ -1654,7 +1811,8 @@ def test_fast_generator_times_the_prompt_and_the_steps_after_the_first_token(mon
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     timings = {}
     tokens = q.FastGenerator(model).generate(prompt_ids(length=9), 10, timings=timings)
-    assert timings == {"prompt_tokens": 9, "prefill_s": 2.0, "new_tokens": 10, "decode_s": 9 * 0.25}
+    assert timings == {"prompt_tokens": 9, "prefill_s": 2.0, "steps": 10, "new_tokens": 10, "decode_tokens": 9,
+                       "decode_s": 9 * 0.25}
     stats = q.speed_report(tokens, 0.0, 5.0, timings, model)
     assert stats["time_s"] == 5.0 and stats["tokens_per_s"] == 10 / 5.0 and stats["time_to_first_token_s"] == 2.0
     assert stats["prefill_tokens_per_s"] == 9 / 2.0
@@ -1662,8 +1820,24 @@ def test_fast_generator_times_the_prompt_and_the_steps_after_the_first_token(mon
     assert stats["bandwidth_gb_per_s"] == q.weight_bytes_per_token(model) * stats["decode_tokens_per_s"] / 1e9
     out = capsys.readouterr().out
     assert "Time: 5.00 sec\n2.0 tokens/sec\ntime to first token: 2.00 s (prefill: 4.5 tokens/s for 9 tokens)\n" \
-           "decode: 4.0 tokens/s\nmemory bandwidth: 0.0 GB/s (0.00 GB of weights read per token)\n" in out
+           "decode: 4.0 tokens/s\nmemory bandwidth: 0.0 GB/s (0.00 GB of weights read per step)\n" in out
     assert re.search(r"peak memory: [\d.]+ GB \((peak RSS of this process|CUDA max allocated)\)", out)
+
+    # Two prompts of 9 and 5 tokens; the second ends at its fourth token: every row's tokens count,
+    # and a step reads the weights once for both rows
+    prompts = [prompt_ids(length=9)[0].tolist(), prompt_ids(length=5, seed=8)[0].tolist()]
+    free = q.FastGenerator(model).generate(prompts, 10)
+    eos = free[1][3]
+    assert eos not in free[0] and eos not in free[1][:3]
+    clock[0], timings = 0.0, {}
+    tokens = q.FastGenerator(model).stream(prompts, 10, eos_token_id=eos, timings=timings)
+    tokens = torch.cat(list(tokens), dim=1)
+    assert tokens.tolist() == [free[0], free[1][:3] + [-1] * 7]
+    assert timings == {"prompt_tokens": 14, "prefill_s": 2.0, "steps": 10, "new_tokens": 10 + 4,
+                       "decode_tokens": 14 - 2, "decode_s": 9 * 0.25}
+    stats = q.speed_report(tokens, 0.0, 5.0, timings, model)
+    assert stats["tokens"] == 13 and stats["decode_tokens_per_s"] == 12 / (9 * 0.25)
+    assert stats["bandwidth_gb_per_s"] == q.weight_bytes_per_token(model) * 9 / (9 * 0.25) / 1e9
 
 
 def test_speed_report_without_timings_gives_time_and_rate_only(capsys):
@@ -1683,7 +1857,7 @@ def test_weight_bytes_per_token_count_int8_weights_with_their_scales_a_tied_head
     assert q.weight_bytes_per_token(q.Qwen3Model({**cfg, "tie_word_embeddings": True})) == float32  # head = table
     assert q.weight_bytes_per_token(q.Qwen3Model(cfg)) == float32  # the embedding lookup reads one row
     int8 = q.quantize_int8(q.Qwen3Model({**cfg, "dtype": torch.bfloat16, "tie_word_embeddings": True}))
-    assert q.weight_bytes_per_token(int8) == 2 * (linears + 2 * rows + 2 * norms) + (head + 2 * 320) + 2 * final_norm
+    assert q.weight_bytes_per_token(int8) == 2 * (linears + 2 * rows) + 4 * 2 * norms + (head + 2 * 320) + 4 * final_norm
 
 
 def test_int8_logits_stay_close_to_the_bfloat16_models():
