@@ -531,7 +531,7 @@ class Qwen3Model(nn.Module):
         positions = torch.arange(start_pos, end_pos, device=in_idx.device)[None]       # (1, T): every row alike
         mask = torch.arange(end_pos, device=in_idx.device) <= positions[..., None]    # (1, T, S), True = visible
         if attn_mask is not None:
-            real = padding_mask(attn_mask, b, end_pos)                                # (b, S)
+            real = padding_mask(attn_mask, b, end_pos, check=held is None)           # (b, S)
             # Each row numbers its own real tokens from 0, as it would alone; real tokens see
             # only real ones, padding only padding (so that no row of a softmax is empty)
             positions = (real.cumsum(dim=1) - 1).clamp(min=0)[:, start_pos:]         # (b, T)
@@ -549,12 +549,15 @@ class Qwen3Model(nn.Module):
         return self.out_head(self.final_norm(x))                 # (b, T, vocab_size)
 
 
-def padding_mask(attn_mask, batch_size, positions):
-    """Check a left-padding mask (b, S) and return it as booleans, True for real tokens."""
+def padding_mask(attn_mask, batch_size, positions, check=True):
+    """A left-padding mask (b, S) as booleans, True for real tokens. Its shape is checked at every
+    call; its values (check=True) where a sequence begins, as later calls only add columns."""
     if tuple(attn_mask.shape) != (batch_size, positions):
         raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, but the input needs ({batch_size}, "
                          f"{positions}): one row per sequence, one column per position so far (cached and new)")
     real = attn_mask.to(torch.bool)
+    if not check:
+        return real
     if not real.any(dim=1).all():
         raise ValueError(f"row {int((~real.any(dim=1)).nonzero()[0])} of attn_mask has no real token: "
                          f"give every row at least one token")
@@ -1359,9 +1362,11 @@ def quantize_int8(model):
 # Pasted into a Jupyter or Colab cell, the file runs the same demo with its defaults.
 # =============================================================================================
 
+DEFAULT_PROMPT = "Explain large language models."
 EXAMPLES = """examples:
   python qwen3_minimal.py                                  # the chapter's base model, greedy
   python qwen3_minimal.py --prompt "Give me a haiku about autumn." --temperature 0.7 --top-p 0.9
+  python qwen3_minimal.py --prompt "2 + 2 =" --prompt "The capital of France is"  # several prompts, one batch
   python qwen3_minimal.py --chat                           # multi-turn chat, thinking shown apart
   python qwen3_minimal.py --chat --no-think                # chat that answers directly
   python qwen3_minimal.py --model Qwen/Qwen3-1.7B --chat   # an official checkpoint from the hub
@@ -1375,7 +1380,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Qwen3 from scratch: download a model, then generate text or chat.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="Explain large language models.", help="text to continue (default: %(default)s)")
+    parser.add_argument("--prompt", action="append", help=f"text to continue (default: {DEFAULT_PROMPT!r}); give "
+                        f"it more than once to answer several prompts in one batch")
+    parser.add_argument("--prompts-file", help="a text file of prompts, one per line, answered in one batch")
     parser.add_argument("--model", default=None,
                         help="'base' (default) or 'reasoning' (the book's 0.6B files), an official repo id such "
                              "as Qwen/Qwen3-1.7B or Qwen/Qwen3-4B-Base, or a checkpoint folder or .pth file")
@@ -1431,21 +1438,31 @@ def load_model_and_tokenizer(args, device):
     return load_qwen3(path, device, dtype), Qwen3Tokenizer(path / "tokenizer.json")
 
 
-def stream_reply(generator, tokenizer, token_ids, args, max_new_tokens):
-    """Generate, print the text as it comes (a model's thinking set apart from its answer), and
-    return the new token ids with the timings."""
+def read_prompts(args):
+    """The prompts to answer: each --prompt, then each non-empty line of --prompts-file."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts or [DEFAULT_PROMPT]
+
+
+def stream_reply(generator, tokenizer, prompts, args, max_new_tokens):
+    """Generate for one prompt or several (lists of ids) and return the new tokens (b, n), -1 after
+    a row's end, with the timings. One prompt's text is printed as it comes (a model's thinking
+    set apart from its answer); several run as one batch, and main() prints each answer after."""
     timings, new_tokens = {}, []
     eos = tokenizer.eos_token_ids if tokenizer else None
-    tokens = generator.stream(token_ids, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
+    tokens = generator.stream(prompts, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, timings=timings)
     decode = tokenizer.stream_decoder() if tokenizer else (lambda token: f" {int(token)}")
     dim, plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     for token in tokens:
         new_tokens.append(token)
-        piece = decode(token).replace("<think>", f"{dim}[thinking] ").replace("</think>", f"{plain}\n[answer] ")
-        print(piece, end="", flush=True)
+        if len(prompts) == 1:
+            piece = decode(token).replace("<think>", f"{dim}[thinking] ").replace("</think>", f"{plain}\n[answer] ")
+            print(piece, end="", flush=True)
     print(plain, end="")
-    return concat_new_tokens(new_tokens, token_ids), timings
+    return concat_new_tokens(new_tokens, torch.zeros(len(prompts), 0, dtype=torch.long)), timings
 
 
 def chat(generator, tokenizer, args, device):
@@ -1485,16 +1502,21 @@ def main(argv=None):
             return chat(generator, tokenizer, args, device)
         torch.manual_seed(args.seed)
         is_chat_model = tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
-        prompt = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                enable_thinking=not args.no_think) if is_chat_model else args.prompt)
-        ids = tokenizer.encode(prompt) if tokenizer else list(args.prompt.encode("utf-8"))
+        prompts = [(tokenizer.apply_chat_template([{"role": "user", "content": text}], enable_thinking=not args.no_think)
+                    if is_chat_model else text) for text in read_prompts(args)]
+        ids = [tokenizer.encode(prompt) if tokenizer else list(prompt.encode("utf-8")) for prompt in prompts]
         if tokenizer is None:
             print("(no tokenizer downloaded yet: the prompt's bytes stand in for tokens, ids are printed)")
-        print(prompt, end="", flush=True)
+        if len(prompts) == 1:
+            print(prompts[0], end="", flush=True)
         start = time.perf_counter()
-        new_tokens, timings = stream_reply(generator, tokenizer, torch.tensor([ids], device=device), args,
-                                           args.max_new_tokens or 128)
-        speed_report(new_tokens, start, time.perf_counter(), timings, model)
+        new_tokens, timings = stream_reply(generator, tokenizer, ids, args, args.max_new_tokens or 128)
+        end = time.perf_counter()
+        if len(prompts) > 1:  # each answer under its prompt
+            for i, (prompt, row) in enumerate(zip(prompts, new_tokens.tolist())):
+                answer = [token for token in row if token >= 0]
+                print(f"\n[{i + 1}/{len(prompts)}] {prompt}" + (tokenizer.decode(answer) if tokenizer else str(answer)))
+        speed_report(new_tokens, start, end, timings, model)
     except (DownloadError, OSError, ValueError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         sys.exit(1)

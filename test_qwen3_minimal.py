@@ -1642,6 +1642,58 @@ def test_fast_generator_bfloat16_steps_match_the_chapters_loop(compile):
         assert_bfloat16_steps_agree(teacher_forced_logits(lambda: generator.generate(ids, 30), tokens), expected)
 
 
+def test_fast_generator_answers_prompts_of_any_lengths_as_each_alone_in_one_batch():
+    """Each row ends at its own end-of-sequence token and yields nothing (-1) after it; every
+    step feeds one token per row into one cache, allocated once for all rows."""
+    model = peaked_model()
+    prompts, _, _ = padded_batch()
+    alone = [q.generate_text_basic_cache(model, prompt[None], 10)[0].tolist() for prompt in prompts]
+    eos = alone[2][5]  # the third prompt's answer ends before its sixth token
+    assert all(eos not in row for row in alone[:2]) and eos not in alone[2][:5]
+    generator = q.FastGenerator(model)
+    passes = []  # per forward pass: the tokens' shape, the cache's buffers
+    model.register_forward_hook(lambda m, args, kwargs, out: passes.append(
+        (tuple(args[0].shape), [b.data_ptr() for pair in generator.cache.buffers for b in pair])), with_kwargs=True)
+    answers = generator.generate([prompt.tolist() for prompt in prompts], 10, eos_token_id=[eos, 319])
+    assert answers == [alone[0], alone[1], alone[2][:5]]
+    assert [shape for shape, _ in passes] == [(3, 12)] + [(3, 1)] * 9
+    assert all(buffers == passes[0][1] for _, buffers in passes)
+    steps = list(generator.stream([prompt.tolist() for prompt in prompts], 10, eos_token_id=eos))
+    assert [step[2, 0].item() for step in steps] == alone[2][:5] + [-1] * 5  # nothing after its end
+    assert torch.equal(generator.generate(torch.stack([prompts[1], prompts[1]]), 10),
+                       torch.tensor([alone[1], alone[1]]))  # a tensor of equal lengths is a batch as it is
+
+
+def test_fast_generator_samples_each_row_apart():
+    model = peaked_model()
+    torch.manual_seed(0)
+    rows = q.FastGenerator(model).generate([[5, 6, 7]] * 4, 20, temperature=3.0)
+    assert len({tuple(row) for row in rows}) == 4  # the same prompt, four different draws
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([], "prompts must be a tensor \\(batch, tokens\\) or a list of non-empty lists of token ids"),
+    ([[1, 2], []], "a list of non-empty lists of token ids"),
+    ([[1] * 60, [2] * 3], "the prompt \\(60 tokens\\) plus max_new_tokens \\(5\\) exceed the context length of 64"),
+])
+def test_fast_generator_refuses_prompts_it_cannot_answer_clearly(prompts, message):
+    with pytest.raises(ValueError, match=message):
+        q.FastGenerator(peaked_model()).generate(prompts, 5)
+
+
+@compiles
+def test_a_compiled_generator_serves_a_padded_batch_without_recompiling_per_token():
+    torch._dynamo.reset()
+    model = with_context(peaked_model(), 512)
+    prompts = [prompt.tolist() for prompt in padded_batch()[0]]
+    generator = q.FastGenerator(model, compile=True)
+    before = compile_count()
+    for new_tokens in (8, 40):
+        expected = [q.generate_text_basic_cache(model, torch.tensor([prompt]), new_tokens)[0].tolist() for prompt in prompts]
+        assert generator.generate(prompts, new_tokens) == expected
+    assert compile_count() - before <= 3
+
+
 def test_fast_generator_feeds_one_token_per_step_into_one_cache_allocated_once():
     model = with_context(peaked_model(), 512)
     generator = q.FastGenerator(model)
@@ -2068,7 +2120,7 @@ def test_random_weights_demo_runs_end_to_end_offline(tmp_path):
     assert result.stdout.startswith(f"Using {seen}\n")
     assert "Explain large language models." in result.stdout and "no tokenizer downloaded yet" in result.stdout
     assert re.search(r"^decode: [\d.]+ tokens/s$", result.stdout, re.M)
-    assert "GB of weights read per token" in result.stdout and "peak memory" in result.stdout
+    assert "GB of weights read per step" in result.stdout and "peak memory" in result.stdout
     assert not list(tmp_path.iterdir())  # nothing downloaded
 
 
@@ -2219,6 +2271,28 @@ def test_dtype_int8_and_compile_flags_change_the_model_and_the_call(tiny_checkpo
     assert plain["model"].tok_emb.weight.dtype == torch.float32 and plain["compile"] is True
     assert type(plain["model"].out_head) is torch.nn.Linear
     assert isinstance(int8["model"].out_head, q.Int8Linear) and int8["model"].tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_several_prompts_are_answered_in_one_batch_each_under_its_prompt(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
+    (tmp_path / "prompts.txt").write_text("A third one, longer than the others\n\nFourth\n")
+    passes = []
+    real_stream = q.FastGenerator.stream
+    monkeypatch.setattr(q.FastGenerator, "stream", lambda self, prompts, *args, **kwargs: (
+        passes.append(prompts), (yield from real_stream(self, prompts, *args, **kwargs)))[1])
+    reports, real_report = [], q.speed_report
+    monkeypatch.setattr(q, "speed_report", lambda *args: reports.append(real_report(*args)))
+    q.main(["--model", str(tiny_checkpoint), "--dtype", "float32", "--max-new-tokens", "6", "--prompt", "Hi",
+            "--prompt", "Tell me", "--prompts-file", str(tmp_path / "prompts.txt")])
+    out = capsys.readouterr().out
+    model, tokenizer = q.load_qwen3(tiny_checkpoint, dtype=torch.float32), q.Qwen3Tokenizer(tiny_checkpoint / "tokenizer.json")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])  # a chat model's prompts
+             for text in ["Hi", "Tell me", "A third one, longer than the others", "Fourth"]]
+    assert passes == [[tokenizer.encode(text) for text in texts]]  # one batch, the file's empty line skipped
+    answers = q.FastGenerator(model).generate(passes[0], 6, eos_token_id=tokenizer.eos_token_ids)
+    shown = [f"\n[{i + 1}/4] {text}{tokenizer.decode(answer)}\n" for i, (text, answer) in enumerate(zip(texts, answers))]
+    assert all(line in out for line in shown) and out.index(shown[0]) < out.index(shown[3])
+    assert reports[0]["tokens"] == sum(map(len, answers)) >= 4  # the speed report counts every row's tokens
 
 
 def test_chat_runs_through_main_with_the_checkpoints_template(tiny_checkpoint, generation_spy, monkeypatch, capsys):
