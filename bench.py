@@ -19,6 +19,7 @@ token / the read bandwidth measured here.
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
     python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
+    OMP_NUM_THREADS=2 python bench.py --batch 1 4 16        # ours on 1, 4 and 16 prompts at once
 
 llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
 `llama-bench -m qwen3-0.6B-bf16.gguf,qwen3-0.6B-q8_0.gguf -p 128 -n 64 -t 2`.
@@ -115,6 +116,26 @@ def median_run(runs):
     return (statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs), runs[-1][2])
 
 
+def batch_prompts(batch, vocab_size):
+    """`batch` prompts of different lengths, from PROMPT_TOKENS down to half of it (one prompt: PROMPT_TOKENS)."""
+    generator = torch.Generator().manual_seed(11)
+    lengths = [PROMPT_TOKENS - (PROMPT_TOKENS // 2) * i // max(batch - 1, 1) for i in range(batch)]
+    return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def batch_row(model, prompts):
+    """Ours on several prompts at once: every row's new tokens per second, the time to the first
+    token of all rows, and the process's peak memory after the row."""
+    generator = q.FastGenerator(model)
+
+    def measure():
+        timings = {}
+        generator.generate(prompts, NEW_TOKENS, timings=timings)
+        return timings["decode_tokens"] / timings["decode_s"], timings["prefill_s"]
+
+    return measure
+
+
 # Each *_row function sets an implementation up and returns a function that times one generation
 # as (prefill tokens/s, decode tokens/s, new tokens); add() runs it once to warm up, then times it.
 
@@ -126,7 +147,7 @@ def ours_row(model, ids, compile=False):
     def measure():
         timings = {}
         tokens = generator.generate(ids, NEW_TOKENS, timings=timings)
-        decode = (timings["new_tokens"] - 1) / timings["decode_s"]
+        decode = timings["decode_tokens"] / timings["decode_s"]
         return timings["prompt_tokens"] / timings["prefill_s"], decode, tokens.reshape(-1)
 
     return measure
@@ -213,6 +234,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the table shows their median")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--batch", type=int, nargs="+", metavar="B",
+                        help="instead of the rows above: ours bfloat16 on B prompts of different lengths at once, "
+                             "e.g. --batch 1 4 16")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: each row needs at least one timed run, e.g. --repeats 3")
@@ -237,6 +261,22 @@ def main():
     if device.type != "cpu":
         print(f"device: {device_name(device)}")
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+
+    if args.batch:
+        print(f"\n{'prompts':>8} {'decode tokens/s':>16} {'x one':>6} {'first token s':>14} {'peak RSS GB':>12}")
+        results = []
+        for batch in sorted(args.batch):  # growing batches: the process's peak memory is the last row's
+            measure = batch_row(model, batch_prompts(batch, cfg["vocab_size"]))
+            measure()
+            runs = [measure() for _ in range(args.repeats)]
+            decode, first = statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
+            results.append({"batch": batch, "decode": decode, "first_token_s": first,
+                            "peak_memory_gb": q.peak_memory(device)[0] / 2**30, "runs": runs})
+            print(f"{batch:>8} {decode:>16.2f} {decode / results[0]['decode']:>6.1f} {first:>14.2f} "
+                  f"{results[-1]['peak_memory_gb']:>12.2f}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"capability": capability, "batches": results}, indent=1))
+        return
 
     rows = []
 
