@@ -2886,7 +2886,7 @@ def python_blocks(markdown):
 
 def test_every_python_snippet_in_the_readme_runs_as_written(hub_small, tmp_path):
     blocks = python_blocks((HERE / "README.md").read_text())
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     env = {"HF_ENDPOINT": hub_small.url, "HF_HUB_CACHE": str(tmp_path / "no-cache"), "PYTHONPATH": str(HERE)}
     outputs = []
     for block in blocks:
@@ -2917,6 +2917,11 @@ def test_every_python_snippet_in_the_readme_runs_as_written(hub_small, tmp_path)
                                                 eos_token_id=official_tokenizer.eos_token_ids, temperature=0.6,
                                                 top_k=20, top_p=0.95)
     assert outputs[3].endswith(official_tokenizer.decode(tokens) + "\n")
+    model = q.load_qwen3(folder / "qwen3-0.6B-base.pth")
+    questions = ["The capital of France is", "Water boils at", "The largest planet in the solar system is"]
+    answers = q.FastGenerator(model).generate([tokenizer.encode(text) for text in questions], 12,
+                                              eos_token_id=tokenizer.eos_token_id)
+    assert outputs[4].endswith("".join(f"{question}{tokenizer.decode(answer)}\n" for question, answer in zip(questions, answers)))
 
 
 def test_readme_commands_match_ci_and_the_script_metadata():
