@@ -14,13 +14,13 @@ Read it top to bottom, in the chapter's order:
   1. device                 get_device()                                        (section 2.5)
   2. tokenizer              Qwen3Tokenizer, chat template, streaming decode      (section 2.4)
   3. model parts            RMSNorm, RoPE, KVCache, attention, feedforward, block (figure 2.8, appendix C)
-  4. the model              Qwen3Model, current_pos, and its configs             (section 2.5)
+  4. the model              Qwen3Model, current_pos, padding masks, its configs  (section 2.5)
   5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5)
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
   7. speed and memory       beyond the chapter: FastGenerator (prefill, decode_one_token,
-                            torch.compile), float32 products, kernel choices, the speed
-                            report, int8 weights
+                            torch.compile, many prompts at once), float32 products, kernel
+                            choices, the speed report, int8 weights
   8. the command line       `python qwen3_minimal.py --help`
   9. appendix               downloading robustly (retries, resuming, checksums)
 
@@ -465,6 +465,9 @@ class TransformerBlock(nn.Module):
 # vocabulary into it. Official checkpoints of the small models (0.6B, 1.7B, 4B) tie the two:
 # one matrix serves both. The book's configs and .pth files keep them as two matrices (equal
 # at the start), and later chapters train them apart; the config's "tie_word_embeddings" says which.
+# Prompts of different lengths run as one batch when each is padded on the left to the longest
+# and a mask says which positions are real (the book's qwen3_batched takes the same mask): the
+# model's forward makes the positions and the causal mask for every call, with padding or without.
 # =============================================================================================
 
 
