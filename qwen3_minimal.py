@@ -559,12 +559,10 @@ def padding_mask(attn_mask, batch_size, positions, check=True):
         raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, but the input needs ({batch_size}, "
                          f"{positions}): one row per sequence, one column per position so far (cached and new)")
     real = attn_mask.to(torch.bool)
-    if not check:
-        return real
-    if not real.any(dim=1).all():
+    if check and not real.any(dim=1).all():
         raise ValueError(f"row {int((~real.any(dim=1)).nonzero()[0])} of attn_mask has no real token: "
                          f"give every row at least one token")
-    if (real[:, 1:] < real[:, :-1]).any():
+    if check and (real[:, 1:] < real[:, :-1]).any():
         raise ValueError("attn_mask has padding after a real token: pad each row on the left (padding "
                          "first, then the tokens), as a batch for generation needs")
     return real
