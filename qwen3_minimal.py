@@ -767,6 +767,30 @@ def load_qwen3(path, device=None, dtype=None):
     return model.to(device).eval()
 
 
+def load_tokenizer_only(which_model, local_dir="qwen3"):
+    """Chapter 3's tokenizer of the book's "base" or "reasoning" model, downloaded into
+    local_dir. The reasoning one wraps every prompt as a user turn of the chat template, its
+    reply to come with thinking, as chapter 3 evaluates it."""
+    if which_model not in BOOK_FILES:
+        raise ValueError(f"which_model must be 'base' or 'reasoning', not {which_model!r}")
+    download_qwen3_small(which_model, tokenizer_only=True, out_dir=local_dir)
+    chat = which_model == "reasoning"
+    return Qwen3Tokenizer(Path(local_dir) / BOOK_FILES[which_model][1], apply_chat_template=chat,
+                          add_generation_prompt=chat, add_thinking=chat)
+
+
+def load_model_and_tokenizer(which_model, device, use_compile, local_dir="qwen3"):
+    """Chapter 3's loader: the book's "base" or "reasoning" 0.6B model on `device`, compiled
+    with torch.compile if use_compile, and load_tokenizer_only's tokenizer."""
+    tokenizer = load_tokenizer_only(which_model, local_dir)
+    download_qwen3_small(which_model, out_dir=local_dir)
+    model = load_qwen3(Path(local_dir) / BOOK_FILES[which_model][0], device)
+    if use_compile:  # section 2.9: current_pos an input of the graph, not a constant compiled per token;
+        model = torch.compile(model)  # the flag holds for this model's calls (the book sets it process-wide)
+        model.forward = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)(model.forward)
+    return model, tokenizer
+
+
 def load_hf_weights_into_qwen(model, param_config, params):
     """Copy official weights {transformers name: tensor} into a Qwen3Model, as the book's
     appendix does: into the model's own tensors, in the model's dtype. `param_config` (the
@@ -1294,7 +1318,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv if argv is not None else [] if in_notebook else sys.argv[1:])
 
 
-def load_model_and_tokenizer(args, device):
+def load_from_args(args, device):
     """(model, tokenizer) as --model, --random-weights and --dtype say; random weights come with
     a tokenizer only where one was downloaded before (else None)."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -1364,7 +1388,7 @@ def main(argv=None):
         if device.type != "cpu" and not (hasattr(torch, device.type) and getattr(torch, device.type).is_available()):
             raise ValueError(f"--device {args.device}: this PyTorch sees no such device; leave --device out "
                              f"to use the best one available")
-        model, tokenizer = load_model_and_tokenizer(args, device)
+        model, tokenizer = load_from_args(args, device)
         if args.int8:
             quantize_int8(model)
         generator = FastGenerator(model, compile=args.compile)  # kept for every turn of a chat

@@ -1103,6 +1103,37 @@ def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
 
 
+def test_chapter_3s_loaders_take_the_books_arguments_and_wrap_the_reasoning_prompts(hub, tmp_path):
+    base, reasoning = serve_book_files(hub, tmp_path, "base"), serve_book_files(hub, tmp_path, "reasoning")
+    folder = tmp_path / "qwen3"
+    tokenizer = q.load_tokenizer_only("reasoning", local_dir=folder)
+    assert [path.name for path in folder.iterdir()] == ["tokenizer-reasoning.json"]
+    model, tokenizer = q.load_model_and_tokenizer("reasoning", "cpu", False, local_dir=folder)
+    assert torch.equal(logits_of(model), logits_of(reasoning))
+    # one user turn of the chat template, the thinking left to the model, as the book's tokenizer wraps it
+    assert tokenizer.decode(tokenizer.encode("What is 2 + 3?")) == \
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    model, tokenizer = q.load_model_and_tokenizer("base", torch.device("cpu"), False, folder)
+    assert torch.equal(logits_of(model), logits_of(base)) and tokenizer.decode(tokenizer.encode("Hi")) == "Hi"
+    with pytest.raises(ValueError, match="which_model must be 'base' or 'reasoning', not 'chat'"):
+        q.load_model_and_tokenizer("chat", "cpu", False, folder)
+
+
+def test_chapter_3s_compiled_model_keeps_the_compile_flag_to_itself_and_compiles_once(hub, tmp_path, monkeypatch):
+    serve_book_files(hub, tmp_path)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no C compiler needed
+    torch._dynamo.reset()
+    flag = torch._dynamo.config.allow_unspec_int_on_nn_module
+    model, tokenizer = q.load_model_and_tokenizer("base", "cpu", True, tmp_path / "qwen3")
+    ids = torch.tensor([tokenizer.encode("Explain large language models.")])
+    before = compile_count()
+    expected = q.generate_text_basic_cache(q.load_qwen3(tmp_path / "qwen3" / "qwen3-0.6B-base.pth"), ids, 12)
+    assert torch.equal(q.generate_text_basic_cache(model, ids, 12), expected)
+    assert compile_count() - before <= 3  # not one per token: current_pos is an input, not a constant
+    assert torch._dynamo.config.allow_unspec_int_on_nn_module == flag  # the process's flag as it was
+    torch._dynamo.reset()
+
+
 def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
     source = random_model(real_vocab_config())
     official = write_official_checkpoint(tmp_path / "src", source)
@@ -1940,7 +1971,7 @@ def test_running_out_of_memory_is_one_clear_line(monkeypatch, capsys):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 65536000000 bytes")
 
-    monkeypatch.setattr(q, "load_model_and_tokenizer", no_memory)
+    monkeypatch.setattr(q, "load_from_args", no_memory)
     with pytest.raises(SystemExit) as exit_:
         q.main(["--model", "Qwen/Qwen3-32B"])
     assert exit_.value.code == 1
@@ -1948,7 +1979,7 @@ def test_running_out_of_memory_is_one_clear_line(monkeypatch, capsys):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(q, "load_model_and_tokenizer", bug)
+    monkeypatch.setattr(q, "load_from_args", bug)
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         q.main([])
 
