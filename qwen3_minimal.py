@@ -598,7 +598,7 @@ def qwen3_config_from_hf(config):
 # =============================================================================================
 
 BOOK_REPO = "rasbt/qwen3-from-scratch"
-BOOK_MIRROR = "https://f001.backblazeb2.com/file/reasoning-from-scratch/qwen3-0.6B"  # the book's backup
+BOOK_MIRROR = "https://f001.backblazeb2.com/file/reasoning-from-scratch"  # the book's backup
 BOOK_FILES = {"base": ("qwen3-0.6B-base.pth", "tokenizer-base.json"),
               "reasoning": ("qwen3-0.6B-reasoning.pth", "tokenizer-reasoning.json")}
 
@@ -611,7 +611,36 @@ def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
         raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
     model_file, tokenizer_file = BOOK_FILES[kind]
     for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
-        download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/{name}")
+        download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/qwen3-0.6B/{name}")
+
+
+# Chapters 7 (GRPO) and 8 (distillation) load the book's checkpoints of their training runs:
+# .pth files in the book's names, which load_qwen3 reads. Steps are written with five digits.
+GRPO_FOLDERS = {"no_kl": "grpo_original_no_kl", "tracking": "7_3_plus_tracking/checkpoints",
+                "clip_ratio": "7_4_plus_clip_ratio/checkpoints", "kl": "7_5_plus_kl/checkpoints",
+                "format_reward": "7_6_plus_format_reward/checkpoints"}
+DISTILL_STEPS = {"deepseek_r1": ("06682", "13364", "20046"), "qwen3_235b_a22b": ("05746", "11492", "17238")}
+
+
+def download_qwen3_grpo_checkpoints(grpo_type="no_kl", step="00050", out_dir="."):
+    """Download the checkpoint of GRPO run `grpo_type` after `step` (50 or "00050") and return its path."""
+    if grpo_type not in GRPO_FOLDERS:
+        raise ValueError(f"grpo_type must be one of {list(GRPO_FOLDERS)}, not {grpo_type!r}")
+    step = str(step).zfill(5) if str(step).isdigit() else str(step)
+    path = f"{GRPO_FOLDERS[grpo_type]}/qwen3-0.6B-rlvr-grpo-step{step}.pth"
+    backup = f"{BOOK_MIRROR}/qwen3-0.6B-checkpoints/{path}" if (grpo_type, step) == ("no_kl", "00050") else None
+    return download_file(hub_url("rasbt/qwen3-from-scratch-grpo-checkpoints", path), out_dir, backup_url=backup)
+
+
+def download_qwen3_distill_checkpoints(distill_type="deepseek_r1", step="06682", out_dir="."):
+    """Download the checkpoint distilled from `distill_type`'s answers after `step` and return its path."""
+    if distill_type not in DISTILL_STEPS:
+        raise ValueError(f"distill_type must be one of {list(DISTILL_STEPS)}, not {distill_type!r}")
+    steps, step = DISTILL_STEPS[distill_type], str(step).zfill(5) if str(step).isdigit() else str(step)
+    if step not in steps:
+        raise ValueError(f"step must be one of {list(steps)} for {distill_type} (the end of each epoch), not {step!r}")
+    path = f"ch08_distill_{distill_type}/checkpoints/qwen3-0.6B-distill-step{step}-epoch{steps.index(step) + 1}.pth"
+    return download_file(hub_url("rasbt/qwen3-from-scratch-distill-checkpoints", path), out_dir)
 
 
 def _weight_files(folder):

@@ -1134,6 +1134,38 @@ def test_chapter_3s_compiled_model_keeps_the_compile_flag_to_itself_and_compiles
     torch._dynamo.reset()
 
 
+def test_the_later_chapters_checkpoints_come_from_the_books_repos_and_backup(hub, tmp_path):
+    grpo, distill = "rasbt/qwen3-from-scratch-grpo-checkpoints", "rasbt/qwen3-from-scratch-distill-checkpoints"
+    hub.add(grpo, "7_5_plus_kl/checkpoints/qwen3-0.6B-rlvr-grpo-step00100.pth", b"kl, step 100")
+    hub.add(distill, "ch08_distill_qwen3_235b_a22b/checkpoints/qwen3-0.6B-distill-step11492-epoch2.pth", b"epoch 2")
+    hub.add("mirror", "qwen3-0.6B-checkpoints/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth", b"backup")
+    assert q.download_qwen3_grpo_checkpoints("kl", 100, tmp_path).read_bytes() == b"kl, step 100"
+    assert q.download_qwen3_distill_checkpoints("qwen3_235b_a22b", 11492, tmp_path).read_bytes() == b"epoch 2"
+    path = q.download_qwen3_grpo_checkpoints(out_dir=tmp_path)  # not on the hub: the book's backup has it
+    assert path == tmp_path / "qwen3-0.6B-rlvr-grpo-step00050.pth" and path.read_bytes() == b"backup"
+    assert [path for path, _ in hub.log] == [
+        f"/{grpo}/resolve/main/7_5_plus_kl/checkpoints/qwen3-0.6B-rlvr-grpo-step00100.pth",
+        f"/{distill}/resolve/main/ch08_distill_qwen3_235b_a22b/checkpoints/qwen3-0.6B-distill-step11492-epoch2.pth",
+        f"/{grpo}/resolve/main/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth",
+        "/mirror/qwen3-0.6B-checkpoints/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth"]
+    # the book has a backup of that one checkpoint only
+    for download, message in [(lambda: q.download_qwen3_grpo_checkpoints("no_kl", "150", tmp_path),
+                               "grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00150.pth does not exist \\(404\\)"),
+                              (lambda: q.download_qwen3_distill_checkpoints(out_dir=tmp_path),
+                               "ch08_distill_deepseek_r1/checkpoints/qwen3-0.6B-distill-step06682-epoch1.pth does not")]:
+        with pytest.raises(q.DownloadError, match=message) as error:
+            download()
+        assert "backup" not in str(error.value)
+    with pytest.raises(ValueError, match="grpo_type must be one of \\['no_kl', 'tracking', 'clip_ratio', 'kl', "
+                                         "'format_reward'\\], not 'kl_free'"):
+        q.download_qwen3_grpo_checkpoints("kl_free")
+    with pytest.raises(ValueError, match="distill_type must be one of \\['deepseek_r1', 'qwen3_235b_a22b'\\], not 'r1'"):
+        q.download_qwen3_distill_checkpoints("r1")
+    with pytest.raises(ValueError, match="step must be one of \\['06682', '13364', '20046'\\] for deepseek_r1 "
+                                         "\\(the end of each epoch\\), not '00100'"):
+        q.download_qwen3_distill_checkpoints("deepseek_r1", 100)
+
+
 def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
     source = random_model(real_vocab_config())
     official = write_official_checkpoint(tmp_path / "src", source)
@@ -2413,7 +2445,7 @@ def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
 
 
 def test_the_books_mirror_is_tried_when_the_hub_fails(hub, tmp_path, capsys):
-    hub.add("mirror", "tokenizer-base.json", b'{"from": "mirror"}')  # not on the hub: 404 there
+    hub.add("mirror/qwen3-0.6B", "tokenizer-base.json", b'{"from": "mirror"}')  # not on the hub: 404 there
     q.download_qwen3_small(kind="base", tokenizer_only=True, out_dir=tmp_path)
     assert (tmp_path / "tokenizer-base.json").read_bytes() == b'{"from": "mirror"}'
     assert "Trying the backup URL" in capsys.readouterr().out
