@@ -882,18 +882,18 @@ def _check_checkpoint(model, state, path):
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
     """Scores of the last position (b, vocab_size) -> next token ids (b, 1).
 
-    temperature 0 is greedy (argmax, figure 2.12). Sampling comes from chapter 4 (top-k is not in
-    the book): divide the scores by the temperature (below 1: sharper, above 1: flatter), keep the
-    top_k highest and/or the fewest tokens whose probabilities add up to top_p, and draw one at
-    random (torch.manual_seed makes the draw reproducible).
+    temperature 0 (or None, as in chapter 4) is greedy (argmax, figure 2.12). Sampling comes from
+    chapter 4 (top-k is not in the book): divide the scores by the temperature (below 1: sharper,
+    above 1: flatter), keep the top_k highest and/or the fewest tokens whose probabilities add up
+    to top_p, and draw one at random (torch.manual_seed makes the draw reproducible).
     """
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be 0 or None (greedy) or positive, not {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (or None for no limit), not {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), not {top_p}")
-    if temperature == 0:
+    if not temperature:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:

@@ -1269,7 +1269,7 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_a_clear_error():
     assert q.generate_text_basic_cache(model, prompt_ids(length=60), 4).shape == (1, 4)  # exactly the context
 
 
-def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
+def test_sampling_is_reproducible_and_temperature_none_top_k_1_or_tiny_top_p_is_greedy():
     model = random_model(tiny_config(context_length=64), seed=1)
     with torch.no_grad():
         model.out_head.weight.mul_(0.05)  # flat distributions, so sampling really varies
@@ -1282,6 +1282,8 @@ def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
     assert torch.equal(sample(), sample())
     assert not torch.equal(sample(), greedy)
     assert torch.equal(sample(top_k=1), greedy)
+    assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 20, temperature=None), greedy)  # chapter 4's
+    assert torch.equal(q.FastGenerator(model).generate(prompt_ids(), 20, temperature=None), greedy)
     assert torch.equal(sample(top_p=1e-6), greedy)
     assert torch.equal(sample(top_k=3, top_p=0.9), sample(top_k=3, top_p=0.9))
 
@@ -1376,7 +1378,7 @@ def test_generate_stats_prints_what_the_books_prints_and_returns_nothing(capsys,
     ({"top_k": -3}, "top_k must be at least 1"),
     ({"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
     ({"top_p": 1.5}, "top_p must be in \\(0, 1\\]"),
-    ({"temperature": -0.5}, "temperature must be 0 \\(greedy\\) or positive"),
+    ({"temperature": -0.5}, "temperature must be 0 or None \\(greedy\\) or positive"),
     ({"max_new_tokens": -1}, "max_new_tokens must be a whole number >= 0"),
     ({"token_ids": torch.zeros(1, 0, dtype=torch.long)}, "the prompt is empty"),
     ({"token_ids": torch.tensor([[5, 320]])}, "ids from 5 to 320, but the vocabulary has ids 0..319"),
