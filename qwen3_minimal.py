@@ -1353,7 +1353,6 @@ def load_from_args(args, device):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     name, out_dir = args.model or ("reasoning" if args.chat else "base"), Path(args.out_dir)
     if args.random_weights:
-        torch.manual_seed(args.seed)
         with torch.device(device):  # (the RoPE tables are built on the CPU: .to(device) moves them)
             model = Qwen3Model({**QWEN_CONFIG_06_B, "dtype": dtype or torch.bfloat16}).to(device).eval()
         tokenizer_file = out_dir / BOOK_FILES.get(name, BOOK_FILES["base"])[1]
@@ -1417,6 +1416,7 @@ def main(argv=None):
         if device.type != "cpu" and not (hasattr(torch, device.type) and getattr(torch, device.type).is_available()):
             raise ValueError(f"--device {args.device}: this PyTorch sees no such device; leave --device out "
                              f"to use the best one available")
+        torch.manual_seed(args.seed)  # random weights and every sampled reply, chat turns included
         model, tokenizer = load_from_args(args, device)
         if args.int8:
             quantize_int8(model)
@@ -1425,7 +1425,6 @@ def main(argv=None):
             if tokenizer is None:
                 raise ValueError("--chat needs a tokenizer: run once without --random-weights to download it")
             return chat(generator, tokenizer, args, device)
-        torch.manual_seed(args.seed)
         is_chat_model = tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
         prompt = (tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                 enable_thinking=not args.no_think) if is_chat_model else args.prompt)

@@ -2135,6 +2135,28 @@ def test_a_compiled_chat_of_several_turns_gives_the_eager_replies(tiny_checkpoin
     assert compiled == eager and eager.count("qwen> ") == 3
 
 
+def test_a_chat_with_a_seed_samples_the_same_replies_every_run(tiny_checkpoint, monkeypatch, capsys):
+    replies = []
+
+    class Recording(q.FastGenerator):
+        def stream(self, *args, **kwargs):
+            for token in super().stream(*args, **kwargs):
+                replies[-1].append(token.item())
+                yield token
+
+    monkeypatch.setattr(q, "FastGenerator", Recording)
+
+    def chat(seed):  # two turns, sampled
+        replies.append([])
+        lines = iter(["Hi", "Tell me more", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        q.main(["--model", str(tiny_checkpoint), "--chat", "--temperature", "1", "--seed", str(seed),
+                "--max-new-tokens", "8"])
+        return replies[-1]
+
+    assert chat(5) == chat(5) != chat(6)
+
+
 def test_model_repo_ids_download_into_out_dir(hub, tiny_checkpoint, generation_spy, tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         hub.add("Qwen/Qwen3-0.6B", name, (tiny_checkpoint / name).read_bytes(), lfs=name.endswith(".safetensors"))
