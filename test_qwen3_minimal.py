@@ -983,6 +983,7 @@ def test_good_safetensors_tensors_are_memory_mapped_views_of_the_file(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ("wrong_shape", "wrong shapes, e.g. \\['trf_blocks.0.att.W_query.weight is \\(128, 64\\), the config wants \\(64, 64\\)"),
+    ("transposed", "1 wrong shapes, e.g. \\['trf_blocks.0.att.W_query.weight is \\(64, 128\\), the config wants \\(128, 64\\)"),
     ("missing", "1 tensors missing, e.g. \\['trf_blocks.1.ff.fc3.weight'\\]"),
     ("unexpected", "1 unexpected tensors, e.g. \\['\\(unknown\\) model.layers.0.mlp.experts.0.weight'\\]"),
     ("moe_config", "not a dense Qwen3 config \\(model_type='qwen3_moe'\\)"),
@@ -994,6 +995,8 @@ def test_checkpoints_that_do_not_fit_are_refused_before_loading(tmp_path, change
     config = json.loads((folder / "config.json").read_text())
     if change == "wrong_shape":
         config["num_attention_heads"] = 2
+    elif change == "transposed":  # as many numbers as the config wants, in the wrong shape
+        state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].T.contiguous()
     elif change == "missing":
         del state["model.layers.1.mlp.down_proj.weight"]
     elif change == "unexpected":
@@ -1060,6 +1063,21 @@ def test_load_qwen3_takes_a_device_and_a_dtype(tmp_path):
     assert not model.training
 
 
+@needs_transformers
+def test_a_config_json_without_rope_theta_gets_the_rope_base_transformers_gives_it(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
+    config = json.loads((folder / "config.json").read_text())
+    del config["rope_theta"]  # and no rope_parameters either
+    (folder / "config.json").write_text(json.dumps(config))
+    reference = Qwen3ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert_close_in_dtype(logits_of(q.load_qwen3(folder), ids), expected)
+
+
 def test_folders_that_are_not_checkpoints_are_refused_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty has no config.json: give a checkpoint folder"):
@@ -1097,10 +1115,14 @@ def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
     q.load_hf_weights_into_qwen(separate, separate.cfg, params)
     assert separate.out_head.weight is not separate.tok_emb.weight
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    del params["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ValueError, match="1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"):
-        q.load_hf_weights_into_qwen(model, model.cfg, params)
-    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
+    up = "model.layers.1.mlp.up_proj.weight"
+    for broken, message in [({name: t for name, t in params.items() if name != up},
+                             "1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"),
+                            ({**params, up: params[up].T},  # as many numbers, in the wrong shape
+                             "1 wrong shapes, e.g. \\['trf_blocks.1.ff.fc2.weight is \\(64, 96\\), the config wants \\(96, 64\\)")]:
+        with pytest.raises(ValueError, match=message):
+            q.load_hf_weights_into_qwen(model, model.cfg, broken)
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
 
 
 def test_chapter_3s_loaders_take_the_books_arguments_and_wrap_the_reasoning_prompts(hub, tmp_path):
