@@ -787,7 +787,8 @@ def load_qwen3(path, device=None, dtype=None):
     with torch.device("meta"):
         model = Qwen3Model(cfg)
     _check_checkpoint(model, state, path)
-    state = {name: tensor.to(cfg["dtype"]) for name, tensor in state.items()}
+    own = model.state_dict()  # each tensor takes the dtype of the model's own (norm scales keep theirs)
+    state = {name: tensor.to(own[name].dtype) for name, tensor in state.items()}
     if not cfg["tie_word_embeddings"] and state["out_head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr():
         state["out_head.weight"] = state["out_head.weight"].clone()  # saved from a tied model: train them apart
     model.load_state_dict(state, assign=True)

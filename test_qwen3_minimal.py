@@ -1063,6 +1063,24 @@ def test_load_qwen3_takes_a_device_and_a_dtype(tmp_path):
     assert not model.training
 
 
+def test_load_qwen3_gives_each_tensor_the_dtype_of_the_models_own(tmp_path, monkeypatch):
+    """Norm scales that the model keeps in float32, as the book's RMSNorm does, stay float32 when a
+    bfloat16 checkpoint loads; every other tensor takes the model's dtype."""
+    source = random_model(tiny_config(dtype=torch.bfloat16))
+    folder = write_official_checkpoint(tmp_path / "ckpt", source)
+
+    class Float32Scale(q.RMSNorm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = torch.nn.Parameter(self.scale.float())
+
+    monkeypatch.setattr(q, "RMSNorm", Float32Scale)
+    loaded = q.load_qwen3(folder).state_dict()
+    assert {name for name, tensor in loaded.items() if tensor.dtype == torch.float32} == \
+        {name for name in loaded if name.endswith(".scale")}
+    assert all(torch.equal(tensor.float(), source.state_dict()[name].float()) for name, tensor in loaded.items())
+
+
 @needs_transformers
 def test_a_config_json_without_rope_theta_gets_the_rope_base_transformers_gives_it(tmp_path):
     from transformers import Qwen3ForCausalLM
