@@ -2780,13 +2780,35 @@ def test_readme_commands_match_ci_and_the_script_metadata():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
     test_command = re.search(r"## Tests\n\n    (.+)\n", readme).group(1)
-    assert ci.strip().splitlines()[-1] == test_command
+    assert ci.strip().splitlines()[-1] == test_command and test_command.endswith("pytest -q -rs")
     assert "pip install -r requirements.txt" in readme and "qwen3_minimal.py" in readme
+    # the first screen's test command and CI install the tests' pinned references from one file
+    assert "pip install -r requirements-test.txt && .venv/bin/python -m pytest -q -rs" in readme
+    assert "pip install -q -r requirements-test.txt" in ci
+    assert "transformers==5.24.0" in (HERE / "requirements-test.txt").read_text()
+    assert not re.search(r"pip install[^\n]*\btransformers\b", readme + ci)  # nowhere else, pinned or not
     header = re.search(r"^# /// script\n(.*?)^# ///$", (HERE / "qwen3_minimal.py").read_text(), re.S | re.M).group(1)
     dependencies = json.loads(re.search(r"dependencies = (\[.*\])", header).group(1))
     requirements = [line for line in (HERE / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#") and not line.startswith("pytest")]
     assert dependencies == requirements
+
+
+@needs_book_package
+def test_the_names_the_readme_calls_the_books_are_the_books_and_ours():
+    readme = (HERE / "README.md").read_text()
+    book = [importlib.import_module(f"reasoning_from_scratch.{name}") for name in ("qwen3", "ch02", "ch03")]
+    names = re.findall(r"`(\w+)`", re.search(r"names are the book's \((.*?)\)", readme, re.S).group(1))
+    assert len(names) >= 6 and [name for name in names if not hasattr(q, name)
+                                or not any(hasattr(module, name) for module in book)] == []
+    parameters = re.findall(r"`([\w.]+)`", re.search(r"parameter names \((.*?)\)", readme, re.S).group(1))
+    state = q.Qwen3Model(tiny_config()).state_dict()
+    assert [name for name in parameters if not any(f".{name}." in f".{key}." for key in state)] == []
+
+
+def test_the_readme_describes_the_file_as_it_is():
+    readme = (HERE / "README.md").read_text().lower()
+    assert [phrase for phrase in ("no longer", "earlier version", "untried", "did not pay") if phrase in readme] == []
 
 
 # =============================================================================================
