@@ -609,8 +609,7 @@ def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
     Where the Hugging Face hub cannot be reached, the book's mirror is tried."""
     if kind not in BOOK_FILES:
         raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
-    model_file, tokenizer_file = BOOK_FILES[kind]
-    for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
+    for name in BOOK_FILES[kind][1:] if tokenizer_only else BOOK_FILES[kind]:  # (weights, tokenizer)
         download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/qwen3-0.6B/{name}")
 
 
@@ -714,8 +713,7 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 
 def read_safetensors(path):
     """Return {name: tensor} for a .safetensors file, memory-mapped and bounds-checked."""
-    path = Path(path)
-    file_size = path.stat().st_size
+    path, file_size = Path(path), Path(path).stat().st_size
 
     def invalid(problem):
         return ValueError(f"{path} is not a valid safetensors file: {problem}. Delete it and download it again")
@@ -1324,9 +1322,8 @@ def parse_args(argv=None):
         description="Qwen3 from scratch: download a model, then generate text or chat.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", default="Explain large language models.", help="text to continue (default: %(default)s)")
-    parser.add_argument("--model", default=None,
-                        help="'base' (default) or 'reasoning' (the book's 0.6B files), an official repo id such "
-                             "as Qwen/Qwen3-1.7B or Qwen/Qwen3-4B-Base, or a checkpoint folder or .pth file")
+    parser.add_argument("--model", help="'base' (default) or 'reasoning' (the book's 0.6B files), an official "
+                                         "repo id such as Qwen/Qwen3-1.7B, or a checkpoint folder or .pth file")
     parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
