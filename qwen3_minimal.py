@@ -840,13 +840,11 @@ def _config_from_book_state_dict(state, path):
     try:
         vocab_size, emb_dim = state["tok_emb.weight"].shape
         head_dim = state["trf_blocks.0.att.q_norm.scale"].shape[0]
-        return {**QWEN_CONFIG_06_B,
-                "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
+        return {**QWEN_CONFIG_06_B, "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
                 "n_layers": 1 + max(int(name.split(".")[1]) for name in state if name.startswith("trf_blocks.")),
                 "n_heads": state["trf_blocks.0.att.W_query.weight"].shape[0] // head_dim,
                 "n_kv_groups": state["trf_blocks.0.att.W_key.weight"].shape[0] // head_dim,
-                "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0],
-                "dtype": state["tok_emb.weight"].dtype}
+                "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0], "dtype": state["tok_emb.weight"].dtype}
     except (KeyError, AttributeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a Qwen3 state dict in the book's names "
                          f"(cannot read its sizes: {type(exc).__name__} {exc})") from None
@@ -1306,14 +1304,11 @@ def quantize_int8(model):
 # =============================================================================================
 
 EXAMPLES = """examples:
-  python qwen3_minimal.py                                  # the chapter's base model, greedy
   python qwen3_minimal.py --prompt "Give me a haiku about autumn." --temperature 0.7 --top-p 0.9
   python qwen3_minimal.py --chat                           # multi-turn chat, thinking shown apart
-  python qwen3_minimal.py --chat --no-think                # chat that answers directly
   python qwen3_minimal.py --model Qwen/Qwen3-1.7B --chat   # an official checkpoint from the hub
   python qwen3_minimal.py --model qwen3/qwen3-0.6B-base.pth  # a local checkpoint (file or folder)
-  python qwen3_minimal.py --random-weights                 # offline: the 0.6B shape, random weights
-  python qwen3_minimal.py --compile                        # torch.compile (needs a C compiler)
+  python qwen3_minimal.py --random-weights --compile       # offline: the 0.6B shape, random weights
 """
 
 
@@ -1502,11 +1497,9 @@ def _download_with_retries(url, dest, retries):
             expected_size, expected_sha256 = _download_to(partial, url)
             break
         except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
-            raise DownloadError(
-                f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
-                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
-                f"REQUESTS_CA_BUNDLE to its CA certificate, or download the file in a browser and "
-                f"save it as {dest}") from exc
+            raise DownloadError(f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
+                                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
+                                f"REQUESTS_CA_BUNDLE to its CA certificate, or save it from a browser as {dest}") from exc
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             last_error = DownloadError(f"cannot reach {url.split('/')[2]} for {url} ({type(exc).__name__}, "
                                        f"{retries + 1} tries): are you offline? Once downloaded, files are reused "
