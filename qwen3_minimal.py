@@ -36,6 +36,7 @@ has the measured figures behind every speed choice made here.
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import mmap
@@ -630,13 +631,13 @@ def qwen3_config_from_hf(config):
 # 5. Weights: download, names, safetensors, loading
 # Pre-trained weights are what make the model useful (section 2.5). They come in two layouts:
 # the book's .pth files (a PyTorch state dict in this file's names) and the official Qwen
-# checkpoints (safetensors files in transformers' names). One name map and one loader serve
-# both. Every file comes through download_file, which the appendix (section 9) explains: a file
-# under its final name is always complete, and a complete file is reused without a network.
+# checkpoints (safetensors files in transformers' names): one name map and one loader serve both.
+# Every file comes through download_file (section 9): a file under its final name is complete,
+# and a complete file is reused without a network.
 # =============================================================================================
 
 BOOK_REPO = "rasbt/qwen3-from-scratch"
-BOOK_MIRROR = "https://f001.backblazeb2.com/file/reasoning-from-scratch/qwen3-0.6B"  # the book's backup
+BOOK_MIRROR = "https://f001.backblazeb2.com/file/reasoning-from-scratch"  # the book's backup
 BOOK_FILES = {"base": ("qwen3-0.6B-base.pth", "tokenizer-base.json"),
               "reasoning": ("qwen3-0.6B-reasoning.pth", "tokenizer-reasoning.json")}
 
@@ -647,32 +648,63 @@ def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
     Where the Hugging Face hub cannot be reached, the book's mirror is tried."""
     if kind not in BOOK_FILES:
         raise ValueError(f"kind must be 'base' or 'reasoning', not {kind!r}")
-    model_file, tokenizer_file = BOOK_FILES[kind]
-    for name in [tokenizer_file] if tokenizer_only else [model_file, tokenizer_file]:
-        download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/{name}")
+    for name in BOOK_FILES[kind][1:] if tokenizer_only else BOOK_FILES[kind]:  # (weights, tokenizer)
+        download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/qwen3-0.6B/{name}")
+
+
+# Chapters 7 (GRPO) and 8 (distillation) load the book's checkpoints of their training runs:
+# .pth files in the book's names, which load_qwen3 reads. Steps are written with five digits.
+GRPO_FOLDERS = {"no_kl": "grpo_original_no_kl", "tracking": "7_3_plus_tracking/checkpoints",
+                "clip_ratio": "7_4_plus_clip_ratio/checkpoints", "kl": "7_5_plus_kl/checkpoints",
+                "format_reward": "7_6_plus_format_reward/checkpoints"}
+DISTILL_STEPS = {"deepseek_r1": ("06682", "13364", "20046"), "qwen3_235b_a22b": ("05746", "11492", "17238")}
+
+
+def download_qwen3_grpo_checkpoints(grpo_type="no_kl", step="00050", out_dir="."):
+    """Download the checkpoint of GRPO run `grpo_type` after `step` (50 or "00050") and return its path."""
+    if grpo_type not in GRPO_FOLDERS:
+        raise ValueError(f"grpo_type must be one of {list(GRPO_FOLDERS)}, not {grpo_type!r}")
+    step = str(step).zfill(5) if str(step).isdigit() else str(step)
+    path = f"{GRPO_FOLDERS[grpo_type]}/qwen3-0.6B-rlvr-grpo-step{step}.pth"
+    backup = f"{BOOK_MIRROR}/qwen3-0.6B-checkpoints/{path}" if (grpo_type, step) == ("no_kl", "00050") else None
+    return download_file(hub_url("rasbt/qwen3-from-scratch-grpo-checkpoints", path), out_dir, backup_url=backup)
+
+
+def download_qwen3_distill_checkpoints(distill_type="deepseek_r1", step="06682", out_dir="."):
+    """Download the checkpoint distilled from `distill_type`'s answers after `step` and return its path."""
+    if distill_type not in DISTILL_STEPS:
+        raise ValueError(f"distill_type must be one of {list(DISTILL_STEPS)}, not {distill_type!r}")
+    steps, step = DISTILL_STEPS[distill_type], str(step).zfill(5) if str(step).isdigit() else str(step)
+    if step not in steps:
+        raise ValueError(f"step must be one of {list(steps)} for {distill_type} (the end of each epoch), not {step!r}")
+    path = f"ch08_distill_{distill_type}/checkpoints/qwen3-0.6B-distill-step{step}-epoch{steps.index(step) + 1}.pth"
+    return download_file(hub_url("rasbt/qwen3-from-scratch-distill-checkpoints", path), out_dir)
+
+
+def _weight_files(folder):
+    """An official checkpoint's safetensors files: model.safetensors, or the shards its index lists."""
+    index = Path(folder) / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
 
 
 def download_qwen3(repo_id="Qwen/Qwen3-0.6B-Base", out_dir=None, revision="main"):
     """Download an official Qwen3 checkpoint (config, tokenizer, safetensors weights, sharded or
     not) and return its folder. A copy already in the Hugging Face cache is used as it is."""
-    cached = hf_cache_snapshot(repo_id, revision)
-    if cached is not None:
+    if (cached := hf_cache_snapshot(repo_id, revision)) is not None:
         print(f"✓ {repo_id} found in the Hugging Face cache: {cached}")
         return cached
     out_dir = Path(out_dir or Path("qwen3") / repo_id.replace("/", "--"))
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         download_file(hub_url(repo_id, name, revision), out_dir)
-    if (out_dir / "model.safetensors").is_file():
-        return out_dir
-    try:  # large models come in shards, listed by an index
-        index = download_file(hub_url(repo_id, "model.safetensors.index.json", revision), out_dir)
-    except DownloadError as exc:
-        if exc.status != 404:
-            raise
-        download_file(hub_url(repo_id, "model.safetensors", revision), out_dir)
-        return out_dir
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        download_file(hub_url(repo_id, shard, revision), out_dir)
+    if not (out_dir / "model.safetensors").is_file():
+        try:  # is there an index of shards?
+            download_file(hub_url(repo_id, "model.safetensors.index.json", revision), out_dir)
+        except DownloadError as exc:
+            if exc.status != 404:
+                raise
+    for name in _weight_files(out_dir):
+        download_file(hub_url(repo_id, name, revision), out_dir)
     return out_dir
 
 
@@ -715,25 +747,19 @@ def hf_to_book_name(name):
 #     the raw little-endian tensor bytes, offsets counted from the end of the header
 # We map the file into memory instead of reading it: a tensor is a view of the file's pages, and
 # the operating system reads those pages only when they are used.
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                      "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
-                      "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # weights' dtypes
 
 
 def read_safetensors(path):
     """Return {name: tensor} for a .safetensors file, memory-mapped and bounds-checked."""
-    path = Path(path)
-    file_size = path.stat().st_size
+    path, file_size = Path(path), Path(path).stat().st_size
 
     def invalid(problem):
-        return ValueError(f"{path} is not a valid safetensors file: {problem}. "
-                          f"Delete it and download it again")
+        return ValueError(f"{path} is not a valid safetensors file: {problem}. Delete it and download it again")
 
     with open(path, "rb") as file:
-        if file_size < 8:
-            raise invalid(f"it has only {file_size} bytes (truncated)")
         header_len = int.from_bytes(file.read(8), "little")
-        if header_len > file_size - 8:
+        if file_size < 8 or header_len > file_size - 8:
             raise invalid(f"its header length {header_len} runs beyond the file's {file_size} bytes (truncated)")
         try:
             header = json.loads(file.read(header_len))
@@ -746,7 +772,7 @@ def read_safetensors(path):
     data_start, data_size = 8 + header_len, file_size - 8 - header_len
     header.pop("__metadata__", None)
 
-    tensors, spans = {}, []
+    tensors = {}
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
@@ -755,47 +781,39 @@ def read_safetensors(path):
             raise invalid(f"the header entry of {name!r} is malformed: {entry}") from None
         if dtype is None:
             raise invalid(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
-        if not 0 <= begin <= end <= data_size:
-            raise invalid(f"tensor {name!r} lies at bytes {begin}..{end}, outside the {data_size} bytes "
-                          f"of data (truncated?)")
-        if end - begin != num_bytes:
-            raise invalid(f"tensor {name!r} of shape {shape} needs {num_bytes} bytes, its offsets give {end - begin}")
-        spans.append((begin, end, name))
+        if not 0 <= begin <= end == begin + num_bytes <= data_size:
+            raise invalid(f"tensor {name!r} of shape {shape} needs {num_bytes} bytes, its offsets give bytes "
+                          f"{begin}..{end} of the {data_size} bytes of data (truncated?)")
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=data_start + begin)
                          .view(shape) if num_bytes else torch.empty(shape, dtype=dtype))
-    spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-        if begin < end:
-            raise invalid(f"tensors {first!r} and {second!r} overlap")
     return tensors
 
 
 def load_qwen3(path, device=None, dtype=None):
-    """Build a Qwen3Model from a checkpoint and return it in eval mode.
-
-    path: an official checkpoint folder (config.json and model.safetensors, or shards listed in
-    model.safetensors.index.json), or one of the book's .pth files (sizes read off its shapes).
-    The model is built on the "meta" device (a device of shapes without memory) and the file's
-    tensors are then assigned to it, so loading holds one copy of the weights: the memory-mapped
-    file's.
-    """
+    """A Qwen3Model in eval mode from an official checkpoint folder (config.json and safetensors
+    files) or one of the book's .pth files (sizes read off its shapes). The model is built on the
+    "meta" device (shapes without memory) and the file's tensors are then assigned to it, so
+    loading holds one copy of the weights: the memory-mapped file's."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: is it a Qwen3 checkpoint folder?")
-        cfg = qwen3_config_from_hf(json.loads((path / "config.json").read_text()))
-        state = _read_official_checkpoint(path)
-    elif path.suffix == ".pth" and path.is_file():
+    if path.suffix == ".pth" and path.is_file():
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # no pickled code
         except Exception as exc:
             raise ValueError(f"{path} is not a readable PyTorch state dict ({exc}): "
                              f"delete it and download it again") from None
         cfg = _config_from_book_state_dict(state, path)
-    elif not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a checkpoint folder or a book .pth file")
+    elif (path / "config.json").is_file():
+        cfg = qwen3_config_from_hf(json.loads((path / "config.json").read_text()))
+        files = [path / name for name in _weight_files(path)]
+        if missing := [file for file in files if not file.is_file()]:
+            raise FileNotFoundError(f"{missing[0]} is missing: download the checkpoint again")
+        state = {hf_to_book_name(name) or f"(unknown) {name}": tensor
+                 for file in files for name, tensor in read_safetensors(file).items()}
     else:
-        raise ValueError(f"{path} is neither a checkpoint folder (config.json + safetensors) nor a .pth file")
+        problem = ("does not exist" if not path.exists() else "has no config.json" if path.is_dir()
+                   else "is not a .pth file")
+        raise FileNotFoundError(f"{path} {problem}: give a checkpoint folder (config.json and safetensors "
+                                f"files) or one of the book's .pth files")
     cfg["dtype"] = dtype or cfg["dtype"]
 
     # The output head: a file that stores none ties it to the embedding (official checkpoints of
@@ -806,23 +824,45 @@ def load_qwen3(path, device=None, dtype=None):
     with torch.device("meta"):
         model = Qwen3Model(cfg)
     _check_checkpoint(model, state, path)
-    state = {name: tensor.to(cfg["dtype"]) for name, tensor in state.items()}
+    own = model.state_dict()  # each tensor takes the dtype of the model's own (norm scales keep theirs)
+    state = {name: tensor.to(own[name].dtype) for name, tensor in state.items()}
     if not cfg["tie_word_embeddings"] and state["out_head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr():
         state["out_head.weight"] = state["out_head.weight"].clone()  # saved from a tied model: train them apart
     model.load_state_dict(state, assign=True)
     if cfg["tie_word_embeddings"]:
         model.out_head.weight = model.tok_emb.weight  # assign=True gave each name a Parameter of its own
-    return model.to(device).eval() if device is not None else model.eval()
+    return model.to(device).eval()
+
+
+def load_tokenizer_only(which_model, local_dir="qwen3"):
+    """Chapter 3's tokenizer of the book's "base" or "reasoning" model, downloaded into
+    local_dir. The reasoning one wraps every prompt as a user turn of the chat template, its
+    reply to come with thinking, as chapter 3 evaluates it."""
+    if which_model not in BOOK_FILES:
+        raise ValueError(f"which_model must be 'base' or 'reasoning', not {which_model!r}")
+    download_qwen3_small(which_model, tokenizer_only=True, out_dir=local_dir)
+    chat = which_model == "reasoning"
+    return Qwen3Tokenizer(Path(local_dir) / BOOK_FILES[which_model][1], apply_chat_template=chat,
+                          add_generation_prompt=chat, add_thinking=chat)
+
+
+def load_model_and_tokenizer(which_model, device, use_compile, local_dir="qwen3"):
+    """Chapter 3's loader: the book's "base" or "reasoning" 0.6B model on `device`, compiled
+    with torch.compile if use_compile, and load_tokenizer_only's tokenizer."""
+    tokenizer = load_tokenizer_only(which_model, local_dir)
+    download_qwen3_small(which_model, out_dir=local_dir)
+    model = load_qwen3(Path(local_dir) / BOOK_FILES[which_model][0], device)
+    if use_compile:  # section 2.9: current_pos an input of the graph, not a constant compiled per token;
+        model = torch.compile(model)  # the flag holds for this model's calls (the book sets it process-wide)
+        model.forward = torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)(model.forward)
+    return model, tokenizer
 
 
 def load_hf_weights_into_qwen(model, param_config, params):
     """Copy official weights {transformers name: tensor} into a Qwen3Model, as the book's
-    appendix does: into the model's own tensors, in the model's dtype. `param_config` is the
-    model's config dict. Without "lm_head.weight" the head is tied to the embedding, as there.
-    Nothing is copied unless every tensor fits."""
-    if param_config["n_layers"] != model.cfg["n_layers"]:
-        raise ValueError(f"param_config has {param_config['n_layers']} layers, the model "
-                         f"{model.cfg['n_layers']}: build the model from the same config")
+    appendix does: into the model's own tensors, in the model's dtype. `param_config` (the
+    model's config dict) is taken for the book's signature. Without "lm_head.weight" the head is
+    tied to the embedding, as there. Nothing is copied unless every tensor fits."""
     state = {hf_to_book_name(name) or f"(unknown) {name}": tensor for name, tensor in params.items()}
     if "out_head.weight" not in state and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
@@ -839,53 +879,27 @@ def _config_from_book_state_dict(state, path):
     try:
         vocab_size, emb_dim = state["tok_emb.weight"].shape
         head_dim = state["trf_blocks.0.att.q_norm.scale"].shape[0]
-        return {**QWEN_CONFIG_06_B,
-                "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
+        return {**QWEN_CONFIG_06_B, "vocab_size": vocab_size, "emb_dim": emb_dim, "head_dim": head_dim,
                 "n_layers": 1 + max(int(name.split(".")[1]) for name in state if name.startswith("trf_blocks.")),
                 "n_heads": state["trf_blocks.0.att.W_query.weight"].shape[0] // head_dim,
                 "n_kv_groups": state["trf_blocks.0.att.W_key.weight"].shape[0] // head_dim,
-                "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0],
-                "dtype": state["tok_emb.weight"].dtype}
+                "hidden_dim": state["trf_blocks.0.ff.fc1.weight"].shape[0], "dtype": state["tok_emb.weight"].dtype}
     except (KeyError, AttributeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a Qwen3 state dict in the book's names "
                          f"(cannot read its sizes: {type(exc).__name__} {exc})") from None
 
 
-def _read_official_checkpoint(folder):
-    """{book name: tensor} from model.safetensors or its shards."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-    state = {}
-    for file in files:
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"{folder / file}, listed in {index.name}, is missing: download it again")
-        for name, tensor in read_safetensors(folder / file).items():
-            state[hf_to_book_name(name) or f"(unknown) {name}"] = tensor
-    return state
-
-
 def _check_checkpoint(model, state, path):
     """Refuse a checkpoint that does not fit the model, before anything is loaded."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{name} is {tuple(state[name].shape)}, the config wants {tuple(shape)}"
-                   for name, shape in expected.items() if name in state and state[name].shape != shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors missing, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrong shapes, e.g. {wrong_shape[0]}")
-    if problems:
-        raise ValueError(f"{path} does not fit a Qwen3 model with {model.cfg['n_layers']} layers and "
-                         f"emb_dim {model.cfg['emb_dim']}: " + "; ".join(problems) +
+    problems = {"tensors missing": sorted(set(expected) - set(state)),
+                "unexpected tensors": sorted(set(state) - set(expected)),
+                "wrong shapes": [f"{name} is {tuple(state[name].shape)}, the config wants {tuple(shape)}"
+                                 for name, shape in expected.items() if name in state and state[name].shape != shape]}
+    if any(problems.values()):
+        raise ValueError(f"{path} does not fit a Qwen3 model with {model.cfg['n_layers']} layers and emb_dim "
+                         f"{model.cfg['emb_dim']}: " + "; ".join(f"{len(names)} {what}, e.g. {names[:2]}"
+                                                                  for what, names in problems.items() if names) +
                          ". Is it a complete Qwen3 dense checkpoint, matching its config?")
 
 
@@ -904,18 +918,18 @@ def _check_checkpoint(model, state, path):
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
     """Scores of the last position (b, vocab_size) -> next token ids (b, 1).
 
-    temperature 0 is greedy (argmax, figure 2.12). Sampling comes from chapter 4 (top-k is not in
-    the book): divide the scores by the temperature (below 1: sharper, above 1: flatter), keep the
-    top_k highest and/or the fewest tokens whose probabilities add up to top_p, and draw one at
-    random (torch.manual_seed makes the draw reproducible).
+    temperature 0 (or None, as in chapter 4) is greedy (argmax, figure 2.12). Sampling comes from
+    chapter 4 (top-k is not in the book): divide the scores by the temperature (below 1: sharper,
+    above 1: flatter), keep the top_k highest and/or the fewest tokens whose probabilities add up
+    to top_p, and draw one at random (torch.manual_seed makes the draw reproducible).
     """
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"temperature must be 0 or None (greedy) or positive, not {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (or None for no limit), not {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), not {top_p}")
-    if temperature == 0:
+    if not temperature:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
@@ -1365,15 +1379,12 @@ def quantize_int8(model):
 
 DEFAULT_PROMPT = "Explain large language models."
 EXAMPLES = """examples:
-  python qwen3_minimal.py                                  # the chapter's base model, greedy
   python qwen3_minimal.py --prompt "Give me a haiku about autumn." --temperature 0.7 --top-p 0.9
   python qwen3_minimal.py --prompt "2 + 2 =" --prompt "The capital of France is"  # several prompts, one batch
   python qwen3_minimal.py --chat                           # multi-turn chat, thinking shown apart
-  python qwen3_minimal.py --chat --no-think                # chat that answers directly
   python qwen3_minimal.py --model Qwen/Qwen3-1.7B --chat   # an official checkpoint from the hub
   python qwen3_minimal.py --model qwen3/qwen3-0.6B-base.pth  # a local checkpoint (file or folder)
-  python qwen3_minimal.py --random-weights                 # offline: the 0.6B shape, random weights
-  python qwen3_minimal.py --compile                        # torch.compile (needs a C compiler)
+  python qwen3_minimal.py --random-weights --compile       # offline: the 0.6B shape, random weights
 """
 
 
@@ -1384,9 +1395,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", action="append", help=f"text to continue (default: {DEFAULT_PROMPT!r}); give "
                         f"it more than once to answer several prompts in one batch")
     parser.add_argument("--prompts-file", help="a text file of prompts, one per line, answered in one batch")
-    parser.add_argument("--model", default=None,
-                        help="'base' (default) or 'reasoning' (the book's 0.6B files), an official repo id such "
-                             "as Qwen/Qwen3-1.7B or Qwen/Qwen3-4B-Base, or a checkpoint folder or .pth file")
+    parser.add_argument("--model", help="'base' (default) or 'reasoning' (the book's 0.6B files), an official "
+                                         "repo id such as Qwen/Qwen3-1.7B, or a checkpoint folder or .pth file")
     parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -1408,35 +1418,29 @@ def parse_args(argv=None):
     return parser.parse_args(argv if argv is not None else [] if in_notebook else sys.argv[1:])
 
 
-def load_model_and_tokenizer(args, device):
-    """(model, tokenizer) as --model, --random-weights and --dtype say; the tokenizer is None
-    for random weights when no tokenizer has been downloaded."""
+def load_from_args(args, device):
+    """(model, tokenizer) as --model, --random-weights and --dtype say; random weights come with
+    a tokenizer only where one was downloaded before (else None)."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    name = args.model or ("reasoning" if args.chat else "base")
-    out_dir = Path(args.out_dir)
+    name, out_dir = args.model or ("reasoning" if args.chat else "base"), Path(args.out_dir)
     if args.random_weights:
-        torch.manual_seed(args.seed)
-        cfg = {**QWEN_CONFIG_06_B, "dtype": dtype or QWEN_CONFIG_06_B["dtype"]}
-        with torch.device(device):
-            model = Qwen3Model(cfg).to(device).eval()  # (the RoPE tables are built on the CPU)
+        with torch.device(device):  # (the RoPE tables are built on the CPU: .to(device) moves them)
+            model = Qwen3Model({**QWEN_CONFIG_06_B, "dtype": dtype or torch.bfloat16}).to(device).eval()
         tokenizer_file = out_dir / BOOK_FILES.get(name, BOOK_FILES["base"])[1]
         return model, Qwen3Tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    path = Path(name)
     if name in BOOK_FILES:
         download_qwen3_small(kind=name, out_dir=out_dir)
-        model_file, tokenizer_file = BOOK_FILES[name]
-        return load_qwen3(out_dir / model_file, device, dtype), Qwen3Tokenizer(out_dir / tokenizer_file)
-    path = Path(name)
-    if path.is_file():  # a book-style .pth: its tokenizer sits beside it
-        tokenizer_file = path.parent / BOOK_FILES["reasoning" if "reasoning" in path.name else "base"][1]
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"no tokenizer beside {path}: expected {tokenizer_file}")
-        return load_qwen3(path, device, dtype), Qwen3Tokenizer(tokenizer_file)
-    if not path.is_dir():
+        path = out_dir / BOOK_FILES[name][0]
+    elif not path.exists():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
             raise ValueError(f"--model {name!r} is none of: base, reasoning, an official repo id such as "
                              f"Qwen/Qwen3-1.7B, an existing checkpoint folder or .pth file")
         path = download_qwen3(name, out_dir / name.replace("/", "--"))
-    return load_qwen3(path, device, dtype), Qwen3Tokenizer(path / "tokenizer.json")
+    # An official folder holds its tokenizer.json; the book's tokenizer lies beside its .pth file.
+    tokenizer_file = path / "tokenizer.json" if path.is_dir() else \
+        path.parent / BOOK_FILES["reasoning" if "reasoning" in path.name else "base"][1]
+    return load_qwen3(path, device, dtype), Qwen3Tokenizer(tokenizer_file)
 
 
 def read_prompts(args):
@@ -1493,7 +1497,8 @@ def main(argv=None):
         if device.type != "cpu" and not (hasattr(torch, device.type) and getattr(torch, device.type).is_available()):
             raise ValueError(f"--device {args.device}: this PyTorch sees no such device; leave --device out "
                              f"to use the best one available")
-        model, tokenizer = load_model_and_tokenizer(args, device)
+        torch.manual_seed(args.seed)  # random weights and every sampled reply, chat turns included
+        model, tokenizer = load_from_args(args, device)
         if args.int8:
             quantize_int8(model)
         generator = FastGenerator(model, compile=args.compile)  # kept for every turn of a chat
@@ -1501,7 +1506,6 @@ def main(argv=None):
             if tokenizer is None:
                 raise ValueError("--chat needs a tokenizer: run once without --random-weights to download it")
             return chat(generator, tokenizer, args, device)
-        torch.manual_seed(args.seed)
         is_chat_model = tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
         prompts = [(tokenizer.apply_chat_template([{"role": "user", "content": text}], enable_thinking=not args.no_think)
                     if is_chat_model else text) for text in read_prompts(args)]
@@ -1534,29 +1538,18 @@ def main(argv=None):
 # =============================================================================================
 # 9. Appendix: downloading robustly
 # Skip this on a first read: section 5 only needs "download_file(url, folder) returns the file".
-# A 1.5 GB download over a real network meets dropped connections, overloaded servers, proxies,
-# full disks and interrupted runs. So the bytes go to "<name>.incomplete" and get the final
-# name only once their size (and sha256, where the server gives one) checks out; an interrupted
-# download resumes with an HTTP Range request ("send bytes N onwards"); time-outs and server
-# errors are retried with a growing pause; and every failure ends in a message that says what
-# to do. Official checkpoints already in the Hugging Face cache are used where they lie.
+# The bytes go to "<name>.incomplete", which gets the final name once its size (and sha256, where
+# the server gives one) checks out; a later run resumes it with an HTTP Range request ("bytes N
+# onwards"); dropped connections and server errors are retried with a growing pause; every
+# failure says what to do. Official checkpoints in the Hugging Face cache are used where they lie.
 # =============================================================================================
 
 
 class DownloadError(RuntimeError):
-    """A download failed. The message says what failed and what to do; `status` is the HTTP
-    status where the server answered (404: no such repo or file)."""
+    """A download failed; the message says what to do. `status`: the server's HTTP status, if any."""
 
     def __init__(self, message, status=None):
         super().__init__(message)
-        self.status = status
-
-
-class _ServerTrouble(Exception):
-    """A 5xx answer: worth another try."""
-
-    def __init__(self, status):
-        super().__init__(f"HTTP {status}")
         self.status = status
 
 
@@ -1590,8 +1583,6 @@ def _download_with_retries(url, dest, retries):
     import requests
 
     partial = dest.with_name(dest.name + ".incomplete")
-    host = re.sub(r"^\w+://([^/]+).*", r"\1", url)
-    last_error = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(0.5 * 2 ** (attempt - 1))  # 0.5 s, 1 s, 2 s, ...
@@ -1599,14 +1590,17 @@ def _download_with_retries(url, dest, retries):
             expected_size, expected_sha256 = _download_to(partial, url)
             break
         except (requests.exceptions.SSLError, requests.exceptions.ProxyError) as exc:
-            raise DownloadError(
-                f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
-                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
-                f"REQUESTS_CA_BUNDLE to its CA certificate, or download the file in a browser and "
-                f"save it as {dest}") from exc
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _ServerTrouble) as exc:
-            last_error = exc  # worth another try; the next one resumes from the partial file
+            raise DownloadError(f"could not download {url}: {type(exc).__name__}. A proxy, VPN or antivirus that "
+                                f"intercepts HTTPS is the usual cause: set HTTPS_PROXY to your proxy and "
+                                f"REQUESTS_CA_BUNDLE to its CA certificate, or save it from a browser as {dest}") from exc
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            last_error = DownloadError(f"cannot reach {url.split('/')[2]} for {url} ({type(exc).__name__}, "
+                                       f"{retries + 1} tries): are you offline? Once downloaded, files are reused "
+                                       f"without a network; set HF_ENDPOINT to use a mirror")
+        except DownloadError as exc:
+            if (exc.status or 0) < 500:
+                raise
+            last_error = exc  # the server has trouble: worth another try, as a dropped connection is
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC
                 raise DownloadError(f"the disk is full while writing {partial}: free some space in "
@@ -1614,24 +1608,20 @@ def _download_with_retries(url, dest, retries):
             raise DownloadError(f"could not write {partial} ({exc}): check that {dest.parent} is a "
                                 f"writable folder, or choose another one") from exc
     else:
-        if isinstance(last_error, _ServerTrouble):
-            raise DownloadError(f"{host} kept failing ({last_error}) for {url}: the server has trouble, "
-                                f"try again later", status=last_error.status) from last_error
-        raise DownloadError(f"cannot reach {host} for {url} ({type(last_error).__name__}, {retries + 1} tries): "
-                            f"are you offline? Once downloaded, files are reused without a network; set "
-                            f"HF_ENDPOINT to use a mirror") from last_error
+        raise last_error
 
     size = partial.stat().st_size
     if expected_size is not None and size != expected_size:
-        if size > expected_size:
-            partial.unlink()
-            raise DownloadError(f"{url} gave {size} bytes, more than the {expected_size} expected; the file "
-                                f"was deleted: run again to download it afresh")
         raise DownloadError(f"{url} gave {size} bytes, expected {expected_size}: run again to resume")
-    if expected_sha256 is not None and _sha256(partial) != expected_sha256:
-        partial.unlink()
-        raise DownloadError(f"{url} arrived corrupted (its sha256 differs from the server's) and was "
-                            f"deleted: run again to download it afresh")
+    if expected_sha256 is not None:
+        digest = hashlib.sha256()
+        with open(partial, "rb") as file:
+            while chunk := file.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != expected_sha256:
+            partial.unlink()
+            raise DownloadError(f"{url} arrived corrupted (its sha256 differs from the server's) and was "
+                                f"deleted: run again to download it afresh")
     os.replace(partial, dest)
     return dest
 
@@ -1646,58 +1636,37 @@ def _download_to(partial, url):
     if have:
         headers["Range"] = f"bytes={have}-"
     with requests.get(url, headers=headers, stream=True, timeout=30) as response:
+        status = response.status_code
+        if status == 416 and have:  # "range not satisfiable": the partial file is as long as the file, or
+            partial.unlink()  # longer (a stale one), and we cannot tell which: start over
+            return _download_to(partial, url)
+        if status >= 400:
+            raise DownloadError(
+                f"{url} does not exist (404): check the repo id, revision and file name" if status == 404 else
+                f"access to {url} was denied ({status}): the repo may be gated or private; accept its terms on "
+                f"the hub and set HF_TOKEN" if status in (401, 403) else
+                f"{url.split('/')[2]} kept failing (HTTP {status}) for {url}: the server has trouble, try again "
+                f"later" if status >= 500 else f"{url} answered HTTP {status}", status=status)
         # The hub sends large files' size and sha256 on its redirect to the storage host
         # (X-Linked-Size, X-Linked-Etag); requests keeps that answer in .history.
         linked = [r.headers for r in (*response.history, response)]  # case-insensitive dicts
         sha256 = next((h["X-Linked-Etag"] for h in linked if "X-Linked-Etag" in h), "")
         sha256 = sha256.removeprefix("W/").strip('"').lower()
-        sha256 = sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
         size = next((int(h["X-Linked-Size"]) for h in linked if "X-Linked-Size" in h), None)
-        if response.status_code >= 500:
-            raise _ServerTrouble(response.status_code)
-        if response.status_code == 404:
-            raise DownloadError(f"{url} does not exist (404): check the repo id, revision and file name",
-                                status=404)
-        if response.status_code in (401, 403):
-            raise DownloadError(f"access to {url} was denied ({response.status_code}): the repo may be "
-                                f"gated or private; accept its terms on the hub and set HF_TOKEN",
-                                status=response.status_code)
-        if response.status_code == 416:  # "range not satisfiable": nothing after byte `have`
-            total = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
-            size = int(total.group(1)) if total else size
-            if size is None and sha256 is None:  # the partial file cannot be verified: start over
-                partial.unlink()
-                return _download_to(partial, url)
-            return size, sha256
-        if response.status_code >= 400:
-            raise DownloadError(f"{url} answered HTTP {response.status_code}", status=response.status_code)
-        if response.status_code != 206:
+        if status != 206:
             have = 0  # the server ignored the Range request: start over
         if size is None and "Content-Length" in response.headers:
             size = have + int(response.headers["Content-Length"])
-        name, last_percent = partial.name.removesuffix(".incomplete"), -1
         with open(partial, "ab" if have else "wb") as file:
             for chunk in response.iter_content(chunk_size=1 << 20):
                 file.write(chunk)
                 have += len(chunk)
-                percent = have * 100 // size if size else None
-                if percent is not None and percent != last_percent:  # "name: 37% (530 MiB / 1433 MiB)"
-                    sys.stdout.write(f"\r{name}: {percent:3d}% ({have >> 20} MiB / {size >> 20} MiB)")
-                    sys.stdout.flush()
-                    last_percent = percent
+                if size:  # "name: 37% (530 MiB / 1433 MiB)"
+                    print(f"\r{partial.stem}: {have * 100 // size:3d}% ({have >> 20} MiB / {size >> 20} MiB)",
+                          end="", flush=True)
         if size:
-            sys.stdout.write("\n")
-    return size, sha256
-
-
-def _sha256(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+            print()
+    return size, sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
 
 
 def hf_cache_snapshot(repo_id, revision="main"):
@@ -1706,15 +1675,8 @@ def hf_cache_snapshot(repo_id, revision="main"):
     repo_dir = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")) / f"models--{repo_id.replace('/', '--')}"
     ref = repo_dir / "refs" / revision
     snapshot = repo_dir / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
-    if not all((snapshot / name).is_file() for name in ("config.json", "tokenizer.json")):
-        return None
-    if (snapshot / "model.safetensors").is_file():
-        return snapshot
-    index = snapshot / "model.safetensors.index.json"
-    if index.is_file() and all((snapshot / shard).is_file()
-                               for shard in json.loads(index.read_text())["weight_map"].values()):
-        return snapshot
-    return None
+    needed = ["config.json", "tokenizer.json", *_weight_files(snapshot)]
+    return snapshot if all((snapshot / name).is_file() for name in needed) else None
 
 
 if __name__ == "__main__":

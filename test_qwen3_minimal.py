@@ -1100,13 +1100,13 @@ def _safetensors_bytes(header, data):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("truncated", "tensor 'b' lies at bytes 16..32, outside the 20 bytes of data \\(truncated\\?\\)"),
+    ("truncated", "tensor 'b' of shape \\[4\\] needs 16 bytes, its offsets give bytes 16..32 of the 20 bytes of "
+                  "data \\(truncated\\?\\)"),
     ("header_beyond_file", "its header length 999999 runs beyond the file's 10 bytes"),
-    ("tiny_file", "it has only 3 bytes \\(truncated\\)"),
+    ("tiny_file", "its header length 6513249 runs beyond the file's 3 bytes \\(truncated\\)"),
     ("not_json", "its header is not JSON"),
-    ("overlapping", "tensors 'a' and 'b' overlap"),
     ("unknown_dtype", "tensor 'a' has unknown dtype 'F8_E9M9'"),
-    ("size_mismatch", "tensor 'a' of shape \\[2, 2\\] needs 16 bytes, its offsets give 12"),
+    ("size_mismatch", "tensor 'a' of shape \\[2, 2\\] needs 16 bytes, its offsets give bytes 0..12"),
     ("malformed_entry", "the header entry of 'a' is malformed")])
 def test_bad_safetensors_files_get_a_clear_error_naming_the_file(tmp_path, case, message):
     good = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
@@ -1116,7 +1116,6 @@ def test_bad_safetensors_files_get_a_clear_error_naming_the_file(tmp_path, case,
         "header_beyond_file": (999999).to_bytes(8, "little") + b"{}",
         "tiny_file": b"abc",
         "not_json": (4).to_bytes(8, "little") + b"{{{{",
-        "overlapping": _safetensors_bytes({**good, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(32)),
         "unknown_dtype": _safetensors_bytes({**good, "a": {"dtype": "F8_E9M9", "shape": [2], "data_offsets": [0, 2]}}, bytes(32)),
         "size_mismatch": _safetensors_bytes({**good, "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(32)),
         "malformed_entry": _safetensors_bytes({**good, "a": {"dtype": "F32"}}, bytes(32)),
@@ -1140,11 +1139,12 @@ def test_good_safetensors_tensors_are_memory_mapped_views_of_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("wrong_shape", "wrong shapes, e.g. trf_blocks.0.att.W_query.weight is \\(128, 64\\), the config wants \\(64, 64\\)"),
+    ("wrong_shape", "wrong shapes, e.g. \\['trf_blocks.0.att.W_query.weight is \\(128, 64\\), the config wants \\(64, 64\\)"),
+    ("transposed", "1 wrong shapes, e.g. \\['trf_blocks.0.att.W_query.weight is \\(64, 128\\), the config wants \\(128, 64\\)"),
     ("missing", "1 tensors missing, e.g. \\['trf_blocks.1.ff.fc3.weight'\\]"),
     ("unexpected", "1 unexpected tensors, e.g. \\['\\(unknown\\) model.layers.0.mlp.experts.0.weight'\\]"),
     ("moe_config", "not a dense Qwen3 config \\(model_type='qwen3_moe'\\)"),
-    ("missing_shard", "model-00002-of-00002.safetensors, listed in model.safetensors.index.json, is missing")])
+    ("missing_shard", "model-00002-of-00002.safetensors is missing: download the checkpoint again")])
 def test_checkpoints_that_do_not_fit_are_refused_before_loading(tmp_path, change, message):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
@@ -1152,6 +1152,8 @@ def test_checkpoints_that_do_not_fit_are_refused_before_loading(tmp_path, change
     config = json.loads((folder / "config.json").read_text())
     if change == "wrong_shape":
         config["num_attention_heads"] = 2
+    elif change == "transposed":  # as many numbers as the config wants, in the wrong shape
+        state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"].T.contiguous()
     elif change == "missing":
         del state["model.layers.1.mlp.down_proj.weight"]
     elif change == "unexpected":
@@ -1218,13 +1220,46 @@ def test_load_qwen3_takes_a_device_and_a_dtype(tmp_path):
     assert not model.training
 
 
+def test_load_qwen3_gives_each_tensor_the_dtype_of_the_models_own(tmp_path, monkeypatch):
+    """Norm scales that the model keeps in float32, as the book's RMSNorm does, stay float32 when a
+    bfloat16 checkpoint loads; every other tensor takes the model's dtype."""
+    source = random_model(tiny_config(dtype=torch.bfloat16))
+    folder = write_official_checkpoint(tmp_path / "ckpt", source)
+
+    class Float32Scale(q.RMSNorm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = torch.nn.Parameter(self.scale.float())
+
+    monkeypatch.setattr(q, "RMSNorm", Float32Scale)
+    loaded = q.load_qwen3(folder).state_dict()
+    assert {name for name, tensor in loaded.items() if tensor.dtype == torch.float32} == \
+        {name for name in loaded if name.endswith(".scale")}
+    assert all(torch.equal(tensor.float(), source.state_dict()[name].float()) for name, tensor in loaded.items())
+
+
+@needs_transformers
+def test_a_config_json_without_rope_theta_gets_the_rope_base_transformers_gives_it(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
+    config = json.loads((folder / "config.json").read_text())
+    del config["rope_theta"]  # and no rope_parameters either
+    (folder / "config.json").write_text(json.dumps(config))
+    reference = Qwen3ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert_close_in_dtype(logits_of(q.load_qwen3(folder), ids), expected)
+
+
 def test_folders_that_are_not_checkpoints_are_refused_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty has no config.json: is it a Qwen3 checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="empty has no config.json: give a checkpoint folder"):
         q.load_qwen3(tmp_path / "empty")
     folder = write_official_checkpoint(tmp_path / "ckpt", random_model(tiny_config()))
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor model.safetensors.index.json"):
+    with pytest.raises(FileNotFoundError, match="ckpt/model.safetensors is missing: download the checkpoint again"):
         q.load_qwen3(folder)
 
 
@@ -1256,10 +1291,77 @@ def test_load_hf_weights_into_qwen_as_the_books_appendix_calls_it(tmp_path):
     q.load_hf_weights_into_qwen(separate, separate.cfg, params)
     assert separate.out_head.weight is not separate.tok_emb.weight
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    del params["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ValueError, match="1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"):
-        q.load_hf_weights_into_qwen(model, model.cfg, params)
-    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
+    up = "model.layers.1.mlp.up_proj.weight"
+    for broken, message in [({name: t for name, t in params.items() if name != up},
+                             "1 tensors missing, e.g. \\['trf_blocks.1.ff.fc2.weight'\\]"),
+                            ({**params, up: params[up].T},  # as many numbers, in the wrong shape
+                             "1 wrong shapes, e.g. \\['trf_blocks.1.ff.fc2.weight is \\(64, 96\\), the config wants \\(96, 64\\)")]:
+        with pytest.raises(ValueError, match=message):
+            q.load_hf_weights_into_qwen(model, model.cfg, broken)
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # untouched
+
+
+def test_chapter_3s_loaders_take_the_books_arguments_and_wrap_the_reasoning_prompts(hub, tmp_path):
+    base, reasoning = serve_book_files(hub, tmp_path, "base"), serve_book_files(hub, tmp_path, "reasoning")
+    folder = tmp_path / "qwen3"
+    tokenizer = q.load_tokenizer_only("reasoning", local_dir=folder)
+    assert [path.name for path in folder.iterdir()] == ["tokenizer-reasoning.json"]
+    model, tokenizer = q.load_model_and_tokenizer("reasoning", "cpu", False, local_dir=folder)
+    assert torch.equal(logits_of(model), logits_of(reasoning))
+    # one user turn of the chat template, the thinking left to the model, as the book's tokenizer wraps it
+    assert tokenizer.decode(tokenizer.encode("What is 2 + 3?")) == \
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    model, tokenizer = q.load_model_and_tokenizer("base", torch.device("cpu"), False, folder)
+    assert torch.equal(logits_of(model), logits_of(base)) and tokenizer.decode(tokenizer.encode("Hi")) == "Hi"
+    with pytest.raises(ValueError, match="which_model must be 'base' or 'reasoning', not 'chat'"):
+        q.load_model_and_tokenizer("chat", "cpu", False, folder)
+
+
+def test_chapter_3s_compiled_model_keeps_the_compile_flag_to_itself_and_compiles_once(hub, tmp_path, monkeypatch):
+    serve_book_files(hub, tmp_path)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # no C compiler needed
+    torch._dynamo.reset()
+    flag = torch._dynamo.config.allow_unspec_int_on_nn_module
+    model, tokenizer = q.load_model_and_tokenizer("base", "cpu", True, tmp_path / "qwen3")
+    ids = torch.tensor([tokenizer.encode("Explain large language models.")])
+    before = compile_count()
+    expected = q.generate_text_basic_cache(q.load_qwen3(tmp_path / "qwen3" / "qwen3-0.6B-base.pth"), ids, 12)
+    assert torch.equal(q.generate_text_basic_cache(model, ids, 12), expected)
+    assert compile_count() - before <= 3  # not one per token: current_pos is an input, not a constant
+    assert torch._dynamo.config.allow_unspec_int_on_nn_module == flag  # the process's flag as it was
+    torch._dynamo.reset()
+
+
+def test_the_later_chapters_checkpoints_come_from_the_books_repos_and_backup(hub, tmp_path):
+    grpo, distill = "rasbt/qwen3-from-scratch-grpo-checkpoints", "rasbt/qwen3-from-scratch-distill-checkpoints"
+    hub.add(grpo, "7_5_plus_kl/checkpoints/qwen3-0.6B-rlvr-grpo-step00100.pth", b"kl, step 100")
+    hub.add(distill, "ch08_distill_qwen3_235b_a22b/checkpoints/qwen3-0.6B-distill-step11492-epoch2.pth", b"epoch 2")
+    hub.add("mirror", "qwen3-0.6B-checkpoints/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth", b"backup")
+    assert q.download_qwen3_grpo_checkpoints("kl", 100, tmp_path).read_bytes() == b"kl, step 100"
+    assert q.download_qwen3_distill_checkpoints("qwen3_235b_a22b", 11492, tmp_path).read_bytes() == b"epoch 2"
+    path = q.download_qwen3_grpo_checkpoints(out_dir=tmp_path)  # not on the hub: the book's backup has it
+    assert path == tmp_path / "qwen3-0.6B-rlvr-grpo-step00050.pth" and path.read_bytes() == b"backup"
+    assert [path for path, _ in hub.log] == [
+        f"/{grpo}/resolve/main/7_5_plus_kl/checkpoints/qwen3-0.6B-rlvr-grpo-step00100.pth",
+        f"/{distill}/resolve/main/ch08_distill_qwen3_235b_a22b/checkpoints/qwen3-0.6B-distill-step11492-epoch2.pth",
+        f"/{grpo}/resolve/main/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth",
+        "/mirror/qwen3-0.6B-checkpoints/grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00050.pth"]
+    # the book has a backup of that one checkpoint only
+    for download, message in [(lambda: q.download_qwen3_grpo_checkpoints("no_kl", "150", tmp_path),
+                               "grpo_original_no_kl/qwen3-0.6B-rlvr-grpo-step00150.pth does not exist \\(404\\)"),
+                              (lambda: q.download_qwen3_distill_checkpoints(out_dir=tmp_path),
+                               "ch08_distill_deepseek_r1/checkpoints/qwen3-0.6B-distill-step06682-epoch1.pth does not")]:
+        with pytest.raises(q.DownloadError, match=message) as error:
+            download()
+        assert "backup" not in str(error.value)
+    with pytest.raises(ValueError, match="grpo_type must be one of \\['no_kl', 'tracking', 'clip_ratio', 'kl', "
+                                         "'format_reward'\\], not 'kl_free'"):
+        q.download_qwen3_grpo_checkpoints("kl_free")
+    with pytest.raises(ValueError, match="distill_type must be one of \\['deepseek_r1', 'qwen3_235b_a22b'\\], not 'r1'"):
+        q.download_qwen3_distill_checkpoints("r1")
+    with pytest.raises(ValueError, match="step must be one of \\['06682', '13364', '20046'\\] for deepseek_r1 "
+                                         "\\(the end of each epoch\\), not '00100'"):
+        q.download_qwen3_distill_checkpoints("deepseek_r1", 100)
 
 
 def test_download_qwen3_asks_for_the_revision_given(hub, tmp_path):
@@ -1365,7 +1467,7 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_a_clear_error():
     assert q.generate_text_basic_cache(model, prompt_ids(length=60), 4).shape == (1, 4)  # exactly the context
 
 
-def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
+def test_sampling_is_reproducible_and_temperature_none_top_k_1_or_tiny_top_p_is_greedy():
     model = random_model(tiny_config(context_length=64), seed=1)
     with torch.no_grad():
         model.out_head.weight.mul_(0.05)  # flat distributions, so sampling really varies
@@ -1378,6 +1480,8 @@ def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
     assert torch.equal(sample(), sample())
     assert not torch.equal(sample(), greedy)
     assert torch.equal(sample(top_k=1), greedy)
+    assert torch.equal(q.generate_text_basic_cache(model, prompt_ids(), 20, temperature=None), greedy)  # chapter 4's
+    assert torch.equal(q.FastGenerator(model).generate(prompt_ids(), 20, temperature=None), greedy)
     assert torch.equal(sample(top_p=1e-6), greedy)
     assert torch.equal(sample(top_k=3, top_p=0.9), sample(top_k=3, top_p=0.9))
 
@@ -1472,7 +1576,7 @@ def test_generate_stats_prints_what_the_books_prints_and_returns_nothing(capsys,
     ({"top_k": -3}, "top_k must be at least 1"),
     ({"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
     ({"top_p": 1.5}, "top_p must be in \\(0, 1\\]"),
-    ({"temperature": -0.5}, "temperature must be 0 \\(greedy\\) or positive"),
+    ({"temperature": -0.5}, "temperature must be 0 or None \\(greedy\\) or positive"),
     ({"max_new_tokens": -1}, "max_new_tokens must be a whole number >= 0"),
     ({"token_ids": torch.zeros(1, 0, dtype=torch.long)}, "the prompt is empty"),
     ({"token_ids": torch.tensor([[5, 320]])}, "ids from 5 to 320, but the vocabulary has ids 0..319"),
@@ -2168,7 +2272,7 @@ def test_running_out_of_memory_is_one_clear_line(monkeypatch, capsys):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 65536000000 bytes")
 
-    monkeypatch.setattr(q, "load_model_and_tokenizer", no_memory)
+    monkeypatch.setattr(q, "load_from_args", no_memory)
     with pytest.raises(SystemExit) as exit_:
         q.main(["--model", "Qwen/Qwen3-32B"])
     assert exit_.value.code == 1
@@ -2176,7 +2280,7 @@ def test_running_out_of_memory_is_one_clear_line(monkeypatch, capsys):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(q, "load_model_and_tokenizer", bug)
+    monkeypatch.setattr(q, "load_from_args", bug)
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         q.main([])
 
@@ -2318,6 +2422,28 @@ def test_a_compiled_chat_of_several_turns_gives_the_eager_replies(tiny_checkpoin
         warnings.simplefilter("error", UserWarning)  # no "torch.compile failed, running without it"
         compiled = chat("--compile")
     assert compiled == eager and eager.count("qwen> ") == 3
+
+
+def test_a_chat_with_a_seed_samples_the_same_replies_every_run(tiny_checkpoint, monkeypatch, capsys):
+    replies = []
+
+    class Recording(q.FastGenerator):
+        def stream(self, *args, **kwargs):
+            for token in super().stream(*args, **kwargs):
+                replies[-1].append(token.item())
+                yield token
+
+    monkeypatch.setattr(q, "FastGenerator", Recording)
+
+    def chat(seed):  # two turns, sampled
+        replies.append([])
+        lines = iter(["Hi", "Tell me more", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        q.main(["--model", str(tiny_checkpoint), "--chat", "--temperature", "1", "--seed", str(seed),
+                "--max-new-tokens", "8"])
+        return replies[-1]
+
+    assert chat(5) == chat(5) != chat(6)
 
 
 def test_model_repo_ids_download_into_out_dir(hub, tiny_checkpoint, generation_spy, tmp_path):
@@ -2482,38 +2608,17 @@ def test_a_small_file_resumes_from_its_partial_file_with_the_size_from_content_l
     assert not list(tmp_path.glob("*.incomplete"))
 
 
-def test_a_complete_partial_file_is_verified_then_renamed_and_a_stale_one_rejected(hub, tmp_path):
+@pytest.mark.parametrize("partial", ["as long", "longer", "as long, other bytes"])
+@pytest.mark.parametrize("fault", [None, "bare_416"])
+def test_a_partial_file_as_long_as_the_file_or_longer_is_downloaded_afresh(hub, tmp_path, partial, fault):
     data = os.urandom(1 << 20)
     hub.add(q.BOOK_REPO, "qwen3-0.6B-base.pth", data, lfs=True)
-    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(data)  # stopped before the rename
+    hub.faults[f"{q.BOOK_REPO}/qwen3-0.6B-base.pth"] = fault
+    stale = {"as long": data, "longer": data + b"extra", "as long, other bytes": os.urandom(1 << 20)}[partial]
+    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(stale)  # an earlier run, or an older file
     assert q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path).read_bytes() == data
-    assert hub.log[-1][1] == f"bytes={len(data)}-"  # answered 416: nothing left to send
-
-    (tmp_path / "qwen3-0.6B-base.pth").unlink()
-    (tmp_path / "qwen3-0.6B-base.pth.incomplete").write_bytes(os.urandom(1 << 20))  # same size, other bytes
-    with pytest.raises(q.DownloadError, match="corrupted"):
-        q.download_file(q.hub_url(q.BOOK_REPO, "qwen3-0.6B-base.pth"), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_complete_partial_file_without_a_checksum_is_checked_against_the_416_size(hub, tmp_path):
-    data = os.urandom(1 << 20)
-    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)  # a small file: no sha256 from the server
-    (tmp_path / "tokenizer.json.incomplete").write_bytes(data + b"extra")  # longer than the file
-    with pytest.raises(q.DownloadError, match="more than the 1048576 expected; the file was deleted"):
-        q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path)
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "tokenizer.json.incomplete").write_bytes(data)
-    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
-
-
-def test_a_partial_file_that_cannot_be_verified_is_downloaded_afresh(hub, tmp_path):
-    data = os.urandom(1 << 20)
-    hub.add("Qwen/Qwen3-0.6B", "tokenizer.json", data)
-    hub.faults["Qwen/Qwen3-0.6B/tokenizer.json"] = "bare_416"  # no size, no checksum: nothing to trust
-    (tmp_path / "tokenizer.json.incomplete").write_bytes(os.urandom(1 << 20))  # stale, same size
-    assert q.download_file(q.hub_url("Qwen/Qwen3-0.6B", "tokenizer.json"), tmp_path).read_bytes() == data
-    assert [r for _, r in hub.log] == [f"bytes={len(data)}-", None]  # asked to resume, then started over
+    assert [r for p, r in hub.log if p.startswith("/storage/")] == [f"bytes={len(stale)}-", None]  # 416, then afresh
+    assert [p.name for p in tmp_path.iterdir()] == ["qwen3-0.6B-base.pth"]
 
 
 def test_a_server_that_ignores_range_requests_restarts_the_file_cleanly(hub, tmp_path):
@@ -2653,7 +2758,7 @@ def test_hf_token_is_sent_and_never_printed(hub, tmp_path, monkeypatch, capsys):
 
 
 def test_the_books_mirror_is_tried_when_the_hub_fails(hub, tmp_path, capsys):
-    hub.add("mirror", "tokenizer-base.json", b'{"from": "mirror"}')  # not on the hub: 404 there
+    hub.add("mirror/qwen3-0.6B", "tokenizer-base.json", b'{"from": "mirror"}')  # not on the hub: 404 there
     q.download_qwen3_small(kind="base", tokenizer_only=True, out_dir=tmp_path)
     assert (tmp_path / "tokenizer-base.json").read_bytes() == b'{"from": "mirror"}'
     assert "Trying the backup URL" in capsys.readouterr().out
@@ -2929,13 +3034,35 @@ def test_readme_commands_match_ci_and_the_script_metadata():
     readme = (HERE / "README.md").read_text()
     ci = (HERE / ".ci" / "run").read_text()
     test_command = re.search(r"## Tests\n\n    (.+)\n", readme).group(1)
-    assert ci.strip().splitlines()[-1] == test_command
+    assert ci.strip().splitlines()[-1] == test_command and test_command.endswith("pytest -q -rs")
     assert "pip install -r requirements.txt" in readme and "qwen3_minimal.py" in readme
+    # the first screen's test command and CI install the tests' pinned references from one file
+    assert "pip install -r requirements-test.txt && .venv/bin/python -m pytest -q -rs" in readme
+    assert "pip install -q -r requirements-test.txt" in ci
+    assert "transformers==5.24.0" in (HERE / "requirements-test.txt").read_text()
+    assert not re.search(r"pip install[^\n]*\btransformers\b", readme + ci)  # nowhere else, pinned or not
     header = re.search(r"^# /// script\n(.*?)^# ///$", (HERE / "qwen3_minimal.py").read_text(), re.S | re.M).group(1)
     dependencies = json.loads(re.search(r"dependencies = (\[.*\])", header).group(1))
     requirements = [line for line in (HERE / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#") and not line.startswith("pytest")]
     assert dependencies == requirements
+
+
+@needs_book_package
+def test_the_names_the_readme_calls_the_books_are_the_books_and_ours():
+    readme = (HERE / "README.md").read_text()
+    book = [importlib.import_module(f"reasoning_from_scratch.{name}") for name in ("qwen3", "ch02", "ch03")]
+    names = re.findall(r"`(\w+)`", re.search(r"names are the book's \((.*?)\)", readme, re.S).group(1))
+    assert len(names) >= 6 and [name for name in names if not hasattr(q, name)
+                                or not any(hasattr(module, name) for module in book)] == []
+    parameters = re.findall(r"`([\w.]+)`", re.search(r"parameter names \((.*?)\)", readme, re.S).group(1))
+    state = q.Qwen3Model(tiny_config()).state_dict()
+    assert [name for name in parameters if not any(f".{name}." in f".{key}." for key in state)] == []
+
+
+def test_the_readme_describes_the_file_as_it_is():
+    readme = (HERE / "README.md").read_text().lower()
+    assert [phrase for phrase in ("no longer", "earlier version", "untried", "did not pay") if phrase in readme] == []
 
 
 # =============================================================================================
