@@ -176,6 +176,15 @@ def book_row(state, cfg, ids, compile=False):
     return lambda: timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))
 
 
+def cpu_flags():
+    """The CPU's bfloat16 and AMX flags, to name its kind beside the figures (Linux)."""
+    try:
+        flags = set(re.search(r"flags\s*:(.*)", Path("/proc/cpuinfo").read_text()).group(1).split())
+    except (OSError, AttributeError):
+        return "not read"
+    return " ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})) or "none"
+
+
 def forced_capability():
     """The capability forced by ATEN_CPU_CAPABILITY, if any. torch.compile's on-disk cache does not
     tell forced kernels from native ones (torch 2.13: code compiled for AVX-512 and reused under
@@ -232,8 +241,7 @@ def main():
     bandwidth = read_bandwidth_gb_s(device, 0.25 if args.smoke else 1.0)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}"
-          f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, bfloat16 arithmetic "
-          f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")
+          f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, flags: {cpu_flags()}")
     if device.type != "cpu":
         print(f"device: {device_name(device)}")
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
@@ -304,7 +312,7 @@ def main():
           f"{rows[0]['roofline']:.1f} tokens/s)")
     if args.json:
         info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability,
-                "capability_forced": forced, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
+                "capability_forced": forced, "cpu_flags": cpu_flags(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
                 "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))
