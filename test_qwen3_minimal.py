@@ -1978,7 +1978,7 @@ def test_bench_rates_are_the_ratios_of_the_times_it_measured_in_every_row(tmp_pa
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "out.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    ours = ["ours bfloat16", "ours float32", "ours int8"]
+    ours = ["ours bfloat16", "ours bfloat16, the chapter's loop", "ours float32", "ours int8"]
     peers = [name for name, module in [("transformers bfloat16", "transformers"),
                                        ("book package bfloat16", "reasoning_from_scratch")]
              if importlib.util.find_spec(module)]
@@ -1995,6 +1995,11 @@ def test_bench_rates_are_the_ratios_of_the_times_it_measured_in_every_row(tmp_pa
     line = next(line for line in out.splitlines() if line.startswith("ours int8 "))
     roof = 100 * 4.0 / rows["ours int8"]["roofline"]
     assert line.split()[2:7] == ["64.0", "4.00", f"{roof:.0f}", f"{64 / 152.56:.2f}", f"{4 / 22.64:.2f}"]
+    # and FastGenerator beside the chapter's loop and the peers, with the capability they ran on
+    ratios = out[out.index("decode, ratio of medians"):].splitlines()
+    assert ratios[0] == f"decode, ratio of medians (capability {torch.backends.cpu.get_cpu_capability()}):"
+    assert ratios[1:2 + len(peers)] == [f"  ours bfloat16 / {name}: 1.00" for name in ours[1:2] + peers]
+    assert all(set(rows[name]["kernels"]) == {"128", "1"} for name in ours if "loop" not in name)  # what ran, per rows
 
 
 def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
@@ -2013,7 +2018,20 @@ def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, m
     assert "transformers bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
     assert "book package bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
     names = [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]]
-    assert names == ["ours bfloat16", "ours float32", "ours int8"]
+    assert names == ["ours bfloat16", "ours bfloat16, the chapter's loop", "ours float32", "ours int8"]
+
+
+def test_bench_runs_only_the_rows_asked_for(tmp_path, monkeypatch, capsys):
+    bench = import_bench()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "1", "--only", "ours int8",
+                                      "--json", str(tmp_path / "out.json")])
+    bench.main()
+    assert [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]] == ["ours int8"]
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "1", "--only", "ours int9"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--only ['ours int9']: no such row" in capsys.readouterr().err
 
 
 # =============================================================================================
