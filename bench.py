@@ -3,7 +3,8 @@
 Every implementation gets the Qwen3-0.6B shape with the same random weights, a 128-token prompt
 and 64 greedy new tokens, through its own generation function:
   ours          qwen3_minimal.FastGenerator, bfloat16 (and float32, int8 on CPUs); with --compile
-                also FastGenerator(compile=True), bfloat16 and int8
+                also FastGenerator(compile=True), bfloat16 and int8 (--max-autotune: compile="max-autotune");
+                and the chapter's loop, generate_text_basic_cache, on the same model
   transformers  Qwen3ForCausalLM.generate(do_sample=False)      where transformers is installed
                 (compiled: with its static cache, which it compiles with CUDA graphs)
   book          reasoning_from_scratch.ch02.generate_text_basic_cache   where it is installed
@@ -13,13 +14,18 @@ Prefill is the prompt's tokens divided by the time of the first forward pass; de
 tokens after the first divided by the time from the first new token to the last. Each row is timed
 over --repeats runs (default 3) after a warm-up, and shows their median, as llama-bench shows a mean
 of its runs. The memory roofline is the fastest a decode step can be: bytes of weights read per
-token / the read bandwidth measured here.
+token / the read bandwidth measured here. Each row also shows its warm-up's seconds (for a compiled
+row, mostly compiling), the memory the process holds after it beyond what it held before (on a
+CPU, for a compiled row, the weights' frozen and prepacked copies), and for ours the kernels that
+FastGenerator measured fastest. The memory a row needs at its peak: run it alone with --only and read
+the peak RSS printed last.
 
     OMP_NUM_THREADS=2 python bench.py                       # a few minutes on 2 cores
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
     python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
     OMP_NUM_THREADS=2 python bench.py --batch 1 4 16        # ours on 1, 4 and 16 prompts at once
+    OMP_NUM_THREADS=2 python bench.py --compile --only "ours bfloat16 compiled"   # one row: its peak memory
 
 llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
 `llama-bench -m qwen3-0.6B-bf16.gguf,qwen3-0.6B-q8_0.gguf -p 128 -n 64 -t 2`.
@@ -139,15 +145,18 @@ def batch_row(model, prompts):
 # Each *_row function sets an implementation up and returns a function that times one generation
 # as (prefill tokens/s, decode tokens/s, new tokens); add() runs it once to warm up, then times it.
 
-def ours_row(model, ids, compile=False):
-    """Ours: one FastGenerator for the row, so that a compiled one compiles in the warm-up run; timed
-    by its own timings (hooks inside a compiled step would break its graph)."""
+def ours_row(model, ids, compile=False, kernels=None):
+    """Ours: one FastGenerator for the row, so that a compiled one compiles (and the kernels are
+    measured) in the warm-up run; timed by its own timings (hooks inside a compiled step would break
+    its graph). kernels: a dict to fill with what ran, as speed_report shows it."""
     generator = q.FastGenerator(model, compile=compile)
 
     def measure():
         timings = {}
         tokens = generator.generate(ids, NEW_TOKENS, timings=timings)
         decode = timings["decode_tokens"] / timings["decode_s"]
+        if kernels is not None:
+            kernels.update(timings["kernels"])
         return timings["prompt_tokens"] / timings["prefill_s"], decode, tokens.reshape(-1)
 
     return measure
@@ -197,6 +206,28 @@ def book_row(state, cfg, ids, compile=False):
     return lambda: timed(compiled, lambda: ch02.generate_text_basic_cache(compiled, ids, NEW_TOKENS))
 
 
+def chapter_row(model, ids):
+    """The chapter's cached loop on our model: what FastGenerator is there to beat."""
+    return lambda: timed(model, lambda: q.generate_text_basic_cache(model, ids, NEW_TOKENS))
+
+
+def cpu_flags():
+    """The CPU's bfloat16 and AMX flags, to name its kind beside the figures (Linux)."""
+    try:
+        flags = set(re.search(r"flags\s*:(.*)", Path("/proc/cpuinfo").read_text()).group(1).split())
+    except (OSError, AttributeError):
+        return "not read"
+    return " ".join(sorted(flags & {"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})) or "none"
+
+
+def memory_held_gb():
+    """What this process holds in memory now (resident set, Linux), in GB; None elsewhere."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def forced_capability():
     """The capability forced by ATEN_CPU_CAPABILITY, if any. torch.compile's on-disk cache does not
     tell forced kernels from native ones (torch 2.13: code compiled for AVX-512 and reused under
@@ -230,7 +261,10 @@ def main():
     parser.add_argument("--llama-bench", help="a file with llama-bench's output on the same work")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all)")
-    parser.add_argument("--compile", action="store_true", help="add a row for ours with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="add rows for ours with torch.compile")
+    parser.add_argument("--max-autotune", action="store_true", help='add rows for ours with compile="max-autotune"')
+    parser.add_argument("--only", action="append", metavar="ROW", help="run only this row (repeatable), e.g. "
+                        '"ours bfloat16 compiled": the peak memory printed last is then its own')
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the table shows their median")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, to check the script in seconds")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -256,8 +290,7 @@ def main():
     bandwidth = read_bandwidth_gb_s(device, 0.25 if args.smoke else 1.0)
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, capability {capability}"
-          f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, bfloat16 arithmetic "
-          f"{'native' if q.cpu_has_bfloat16_arithmetic() else 'emulated (prompts run in float32)'}")
+          f"{f' (forced by ATEN_CPU_CAPABILITY={forced})' if forced else ''}, flags: {cpu_flags()}")
     if device.type != "cpu":
         print(f"device: {device_name(device)}")
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
@@ -280,23 +313,34 @@ def main():
 
     rows = []
 
-    def add(name, weights_model, measure):
-        """A row: measure() run once to warm up (compiling, building oneDNN's kernels for each shape, loading
-        a GPU's), as llama-bench keeps its warm-up run out of its figures; then timed args.repeats times,
-        the median kept, every run's figures printed."""
+    def add(name, weights_model, row, **options):
+        """A row: row(**options) sets it up; its measure() runs once to warm up (compiling, measuring
+        kernels, building oneDNN's kernels for each shape, loading a GPU's), as llama-bench keeps its
+        warm-up run out of its figures; then timed args.repeats times, the median kept, every run's
+        figures printed."""
+        if args.only and name not in args.only:
+            return
+        held, start, kernels = memory_held_gb(), time.perf_counter(), {}
+        measure = row(**options, **({"kernels": kernels} if row is ours_row else {}))
         measure()
+        warm_up_s = time.perf_counter() - start
         runs = [measure() for _ in range(args.repeats)]
         prefill, decode, tokens = median_run(runs)
         per_token = q.weight_bytes_per_token(weights_model)
+        added = memory_held_gb() - held if held is not None else None
         rows.append({"name": name, "prefill": prefill, "decode": decode, "tokens": tokens.tolist(),
-                     "roofline": bandwidth * 1e9 / per_token, "runs": [run[:2] for run in runs]})
+                     "roofline": bandwidth * 1e9 / per_token, "runs": [run[:2] for run in runs],
+                     "warm_up_s": warm_up_s, "memory_added_gb": added, "kernels": kernels})
         print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s (median of "
-              f"{', '.join(f'{run[0]:.1f} / {run[1]:.2f}' for run in runs)})", flush=True)
+              f"{', '.join(f'{run[0]:.1f} / {run[1]:.2f}' for run in runs)}); warm-up {warm_up_s:.1f} s"
+              f"{f', memory held +{added:.2f} GB' if added is not None else ''}"
+              f"{'; kernels: ' + ', '.join(f'{what} for {n} rows' for n, what in kernels.items()) if kernels else ''}",
+              flush=True)
 
     def add_peer(name, row):
         """A peer's row; a peer that fails (their versions change) costs its row, not the run."""
         try:
-            add(name, model, row())
+            add(name, model, row)
         except Exception as exc:
             print(f"  {name}: failed, left out ({type(exc).__name__}: {str(exc).strip()[:300]})", flush=True)
 
@@ -304,15 +348,18 @@ def main():
     model32 = copy.deepcopy(model).float()
     model32.cfg = {**cfg, "dtype": torch.float32}
     int8 = q.quantize_int8(copy.deepcopy(model)) if int8_too else None
-    add("ours bfloat16", model, ours_row(model, ids))
-    add("ours float32", model32, ours_row(model32, ids))
+    add("ours bfloat16", model, ours_row, model=model, ids=ids)
+    add("ours bfloat16, the chapter's loop", model, chapter_row, model=model, ids=ids)
+    add("ours float32", model32, ours_row, model=model32, ids=ids)
     del model32
     if int8_too:
-        add("ours int8", int8, ours_row(int8, ids))
-    if args.compile:  # generating leaves a model as it was: the compiled rows run the same models
-        add("ours bfloat16 compiled", model, ours_row(model, ids, compile=True))
-        if int8_too:
-            add("ours int8 compiled", int8, ours_row(int8, ids, compile=True))
+        add("ours int8", int8, ours_row, model=int8, ids=ids)
+    # generating leaves a model as it was: the compiled rows run the same models
+    for suffix, compile in [(" compiled", args.compile), (" max-autotune", args.max_autotune and "max-autotune")]:
+        if compile:
+            add("ours bfloat16" + suffix, model, ours_row, model=model, ids=ids, compile=compile)
+            if int8_too:
+                add("ours int8" + suffix, int8, ours_row, model=int8, ids=ids, compile=compile)
     del int8
     state = model.state_dict()
     transformers, book = importlib.util.find_spec("transformers"), importlib.util.find_spec("reasoning_from_scratch")
@@ -328,7 +375,9 @@ def main():
 
     reference = next((row for row in llama if "BF16" in row["name"].upper()), None)
     q8 = next((row for row in llama if "Q8_0" in row["name"].upper()), None)
-    print(f"\n{'':30} {'prefill':>8} {'decode':>7} {'roof%':>6} {'pf/llama':>9} {'dec/llama':>10} {'same tokens':>12}")
+    if not rows:
+        parser.error(f"--only {args.only}: no such row; the rows are named as this script prints them")
+    print(f"\n{'':34} {'prefill':>8} {'decode':>7} {'roof%':>6} {'pf/llama':>9} {'dec/llama':>10} {'same tokens':>12}")
     for row in rows + llama:
         ratios = ["", ""]
         against = q8 if "int8" in row["name"] else reference  # int8 is compared with llama.cpp's Q8_0
@@ -339,12 +388,23 @@ def main():
         roof = f"{100 * row['decode'] / row['roofline']:.0f}" if "roofline" in row else ""
         prefill = f"{row['prefill']:.1f}" if row.get("prefill") else "-"
         decode = f"{row['decode']:.2f}" if row.get("decode") else "-"
-        print(f"{row['name']:30} {prefill:>8} {decode:>7} {roof:>6} {ratios[0]:>9} {ratios[1]:>10} {same:>12}")
-    print(f"(pf and dec /llama: ratios to llama.cpp BF16, for int8 to Q8_0; roofline of ours bfloat16: "
-          f"{rows[0]['roofline']:.1f} tokens/s)")
+        print(f"{row['name']:34} {prefill:>8} {decode:>7} {roof:>6} {ratios[0]:>9} {ratios[1]:>10} {same:>12}")
+    print(f"(pf and dec /llama: ratios to llama.cpp BF16, for int8 to Q8_0; same tokens: as {rows[0]['name']}'s; "
+          f"its roofline: {rows[0]['roofline']:.1f} tokens/s)")
+    by_name = {row["name"]: row for row in rows}
+    pairs = [("ours bfloat16 compiled", reference), ("ours int8 compiled", q8)] + [
+        ("ours bfloat16", by_name.get(name)) for name in
+        ("ours bfloat16, the chapter's loop", "transformers bfloat16", "book package bfloat16")]
+    ratios = [f"{name} / {other['name']}: {by_name[name]['decode'] / other['decode']:.2f}"
+              for name, other in pairs if name in by_name and other and other.get("decode")]
+    if ratios:
+        print(f"decode, ratio of medians (capability {capability}):\n  " + "\n  ".join(ratios))
+    peak, what = q.peak_memory(device)
+    if peak is not None:
+        print(f"peak memory of this run: {peak / 2**30:.2f} GB ({what})")
     if args.json:
         info = {"cpu": cpu_name(), "device": device_name(device), "capability": capability,
-                "capability_forced": forced, "bfloat16_native": q.cpu_has_bfloat16_arithmetic(),
+                "capability_forced": forced, "cpu_flags": cpu_flags(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "bandwidth_gb_s": bandwidth,
                 "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows + llama}, indent=1))

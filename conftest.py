@@ -21,12 +21,3 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where nothing may skip: {report.longrepr}"
 
-
-def pytest_configure(config):
-    """QWEN3_FLOAT32_PROMPTS=1 (or 0) runs the suite with FastGenerator's default for prompts forced
-    on (or off), as on a CPU of the other kind; the tests that need one setting still ask for it."""
-    forced = os.environ.get("QWEN3_FLOAT32_PROMPTS")
-    if forced in ("0", "1"):
-        import qwen3_minimal
-
-        qwen3_minimal.FLOAT32_PROMPTS = forced == "1"

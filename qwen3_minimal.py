@@ -35,7 +35,6 @@ has the measured figures behind every speed choice made here.
 """
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -44,6 +43,7 @@ import os
 import re
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -1051,12 +1051,10 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # loop with what fast implementations do, each step named where the loop uses it:
 #   - the caller holds the state that speed keeps between calls, as gpt-fast's caller holds its
 #     caches: one KVCache, whose buffers a generation allocates at its first write for every
-#     position it will reach, and the decode step, through torch.compile if asked (gpt-fast:
-#     decode = torch.compile(decode_one_token));
+#     position it will reach, the kernels measured fastest here (FastestKernels), and the decode
+#     step, compiled if asked (CompiledDecodeStep; gpt-fast: decode = torch.compile(decode_one_token));
 #   - prefill() runs the prompt and decode_one_token() each new token, with the output head
-#     computed for the last position only (for 0.6B the head is a quarter of all weights);
-#   - float32_products(): on CPUs without bfloat16 arithmetic, the prompt's products in float32;
-#   - fastest_kernels(): the kernel PyTorch picks for each kind of step.
+#     computed for the last position only (for 0.6B the head is a quarter of all weights).
 # The model is used as it is: no weight, buffer or global setting is left changed (current_pos
 # ends where the sequence ends, as after any cached call). Then come the speed report of the
 # command line and int8 weights (quantize_int8, a module swap that print(model) shows). The
@@ -1069,30 +1067,13 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # =============================================================================================
 
 
-def cpu_has_bfloat16_arithmetic(cpuinfo=None):
-    """Whether this CPU computes with bfloat16 numbers natively (x86: AVX512_BF16 or AMX; Arm:
-    BF16), read from /proc/cpuinfo's flags. Elsewhere only an AVX2 CPU is known to lack it."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
-    return bool(set(cpuinfo.split()) & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-# Where the CPU lacks bfloat16 arithmetic, PyTorch emulates it, and a prompt's matrix products with
-# bfloat16 weights run several times slower than the same products in float32. There, prefill()
-# runs the prompt inside float32_products(). One-token steps are limited by reading memory, not by
-# arithmetic, and keep reading bfloat16.
-FLOAT32_PROMPTS = not cpu_has_bfloat16_arithmetic()
-
-
 class float32_products(torch.overrides.TorchFunctionMode):
     """`with float32_products():` every matrix product of several bfloat16 rows on a CPU
-    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16. The weights stay
-    bfloat16 in memory: each is converted for its product, 4096 output rows at a time so that
-    the float32 copy stays small, and converting costs much less than the emulation. The mode
-    sees every torch call made inside the block, and leaves all but those products alone."""
+    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16. Where the CPU lacks
+    bfloat16 arithmetic, PyTorch emulates it, and products of many rows can run several times
+    slower than in float32. The weights stay bfloat16 in memory: each is converted for its
+    product, 4096 output rows at a time so that the float32 copy stays small. The mode sees
+    every torch call made inside the block, and leaves all but those products alone."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -1105,28 +1086,74 @@ class float32_products(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def fastest_kernels(new_tokens, dtype):
-    """Choose PyTorch's kernels for one forward pass of `new_tokens` tokens; restore the choice after.
+class FastestKernels:
+    """`with kernels(rows):` runs its block with the kernels measured fastest for products of
+    `rows` rows (batch x tokens) by this model's weights, and restores the settings after.
 
-    CPU: oneDNN ("one Deep Neural Network library", Intel's kernels that PyTorch calls for many
-    CPU operations) is fast for matrix-matrix products, but for a bfloat16 matrix times one
-    vector PyTorch's native kernel streams the weights faster (the README's "Performance"
-    section has the figures). So oneDNN is switched off for one-token steps of bfloat16 weights.
-
-    GPU: PyTorch prefers cuDNN's attention kernel on some GPUs (Hopper: H100, H200), and cuDNN
-    builds a plan for every new sequence length before it runs, which takes far longer than the
-    attention itself. Generation meets a new length at every step, so cuDNN's kernel is left out
-    and scaled_dot_product_attention takes its next choice.
+    Which kernel is faster depends on the CPU (every rule naming a kind of CPU was wrong on the
+    next; the README's "Performance" has CPUs where each side wins), so both are timed on the
+    model's own weights: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls
+    for many CPU operations) or PyTorch's native kernel; and for bfloat16 weights and several
+    rows, float32_products() or not (float32: None measures it, True or False decides). On a GPU
+    nothing is measured, and cuDNN's attention kernel is left out: it makes a plan for every new
+    sequence length, which takes longer than attending, and generation meets one at every step.
     """
-    onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.mkldnn.enabled = onednn and (new_tokens > 1 or dtype != torch.bfloat16)
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = onednn
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, model, float32=None, rounds=3):
+        self.model, self.float32, self.rounds = model, float32, rounds
+        self.chosen = {}  # (rounded rows, oneDNN allowed) -> (oneDNN on, float32 products)
+        self.ran = {}     # rows -> what ran, in words, for speed_report
+
+    @contextlib.contextmanager
+    def __call__(self, rows):
+        onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
+        try:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            use_onednn, float32 = self.choose(rows)
+            torch.backends.mkldnn.enabled = use_onednn
+            self.ran[rows] = ("oneDNN" if use_onednn else "PyTorch's native") + (" in float32" if float32 else "")
+            with float32_products() if float32 else contextlib.nullcontext():
+                yield
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+    @torch.inference_mode()
+    def choose(self, rows):
+        """(oneDNN on, float32 products) for `rows` rows, measured once per power of two (32 or more
+        count as 32: bound by arithmetic, kernels rank as for more). Each candidate runs one block's
+        products `rounds` times, each time another block's, so that weights come from memory, not a
+        cache; its best time counts, one twice as slow as the best is not timed again, and the
+        first, the user's setting (oneDNN off stays off), keeps a tie (5%)."""
+        weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
+        if weight.device.type != "cpu":
+            return onednn, False
+        candidates = [(onednn, False), (False, False)] if onednn else [(False, False)]
+        if rows > 1 and weight.dtype == torch.bfloat16 and self.float32 is not False:
+            candidates = ([] if self.float32 else candidates) + [(onednn, True)]  # float32: one kernel either way
+        rows = min(1 << (rows - 1).bit_length(), 32)
+        if len(candidates) == 1 or (rows, onednn) in self.chosen:
+            return self.chosen.get((rows, onednn), candidates[0])
+        blocks = [[m for m in block.modules() if hasattr(m, "in_features")] for block in self.model.trf_blocks]
+        inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=weight.dtype) for m in blocks[0]}
+        best = dict.fromkeys(candidates, math.inf)
+        try:
+            for i in range(self.rounds * len(candidates)):
+                candidate = candidates[i % len(candidates)]
+                if i < len(candidates) or best[candidate] <= 2 * min(best.values()):
+                    torch.backends.mkldnn.enabled = candidate[0]
+                    with float32_products() if candidate[1] else contextlib.nullcontext():
+                        start = self.clock()
+                        for linear in blocks[i % len(blocks)]:  # nn.Linear, or Int8Linear (below)
+                            linear(inputs[linear.in_features])
+                        best[candidate] = min(best[candidate], self.clock() - start)
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+        fastest = min(candidates, key=best.get)
+        self.chosen[rows, onednn] = fastest if best[fastest] < 0.95 * best[candidates[0]] else candidates[0]
+        return self.chosen[rows, onednn]
 
 
 def _synchronize(device):
@@ -1135,42 +1162,10 @@ def _synchronize(device):
         getattr(torch, device.type).synchronize()
 
 
-def compiled_or_eager(function, settings=contextlib.nullcontext, **options):
-    """function through torch.compile(function, **options), run under the context settings() makes;
-    or, once compiling failed, function itself.
-
-    torch.compile turns a function into fused kernels, which removes most of Python's and
-    PyTorch's per-operation overhead. It needs a working C compiler and Python headers on a CPU
-    (and Triton on a GPU); where compiling fails, we warn once and keep running eagerly. The
-    failure comes while compiling, before the step runs, so the KV cache is still as it was.
-    """
-    compiled = torch.compile(function, **options)
-
-    def run(*args, **kwargs):
-        nonlocal compiled
-        if compiled is not None:
-            try:
-                with settings():
-                    return compiled(*args, **kwargs)
-            except Exception as exc:  # compilers fail in many ways; all mean "run eagerly"
-                reason = (str(exc).strip().splitlines() or [""])[0][:160]
-                warnings.warn(f"torch.compile failed, running without it ({type(exc).__name__}: {reason})",
-                              stacklevel=2)
-                compiled = None
-        return function(*args, **kwargs)
-
-    return run
-
-
-def prefill(model, token_ids, cache, float32_prompts=None, attn_mask=None):
+def prefill(model, token_ids, cache, attn_mask=None):
     """The prompts (b, T) through the model, filling the cache: the scores of their last position,
-    (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly.
-    float32_prompts: inside float32_products() or not (None: FLOAT32_PROMPTS decides)."""
-    if float32_prompts is None:
-        float32_prompts = FLOAT32_PROMPTS
-    products = float32_products() if float32_prompts else contextlib.nullcontext()
-    with products, fastest_kernels(token_ids.numel(), model.tok_emb.weight.dtype):
-        return model(token_ids, cache=cache, last_only=True, attn_mask=attn_mask)[:, -1]
+    (b, vocab_size). Its big matrix products gain little from compiling: it runs eagerly."""
+    return model(token_ids, cache=cache, last_only=True, attn_mask=attn_mask)[:, -1]
 
 
 def decode_one_token(model, token, cache, attn_mask=None):
@@ -1194,6 +1189,62 @@ def left_padded(prompts, device):
     return token_ids, None if attn_mask.all() else attn_mask
 
 
+class CompiledDecodeStep:
+    """decode_one_token through torch.compile (section 2.9), as fast as the device allows; where
+    compiling fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token
+    itself, after one warning naming what failed.
+
+    On a CPU with `cpp_wrapper` (kernels called from C++, not Python) and, where FastestKernels has
+    oneDNN on while it compiles, `freezing` (the weights become constants of the compiled code,
+    prepacked in oneDNN's layout), both set around each call, never left set. int8 weights reach it
+    as torch._weight_int8pack_mm, the kernel its weight-only int8 pass would pick. mode=
+    "max-autotune": inductor also times its own code for matrix products against the libraries'.
+    Frozen weights are copies: each generation compares the model's weights (each tensor's storage,
+    dtype, shape and version counter, which in-place changes such as an optimizer step advance)
+    with those compiled in; where they changed, it compiles again.
+    """
+
+    def __init__(self, mode=None):
+        self.mode, self.compiled, self.weights = mode, None, None  # compiled: False once compiling failed
+
+    def for_weights_of(self, model):
+        """This step, compiled (again, with a warning) if the model's weights are not those compiled in."""
+        weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
+                   for t in [*model.parameters(), *model.buffers()]]
+        if self.compiled is not False and weights != self.weights:
+            if self.weights is not None:
+                warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
+                              "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
+            # A copy of decode_one_token's code for this step alone: torch.compile keeps what it compiled
+            # (copies of the weights) with the code; the old is freed with its copy, a new copy compiles afresh.
+            step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
+            self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
+            self.cpu = model.tok_emb.weight.device.type == "cpu"
+        return self
+
+    def __call__(self, model, token, cache, attn_mask=None):
+        if self.compiled:
+            try:
+                # model.current_pos as an input of the compiled step, not a constant of it: otherwise
+                # torch.compile would specialise on each position and compile again at every step
+                with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
+                        torch._inductor.config.patch(freezing=self.cpu and torch.backends.mkldnn.enabled,
+                                                     cpp_wrapper=self.cpu):
+                    return self.compiled(model, token, cache, attn_mask)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # Raised while tracing or compiling, so nothing ran (fullgraph=True: one graph, compiled
+                # first): the compiler's failure, or the step's own error met while tracing (a wrong
+                # shape), which running it eagerly raises as it is. Errors while running pass through.
+                own_error = isinstance(exc, torch._dynamo.exc.TorchRuntimeError) or \
+                    isinstance(exc.__cause__ or exc.__context__, torch._dynamo.exc.ObservedException)
+                if not own_error:
+                    cause = getattr(exc, "inner_exception", exc)  # what the compiler itself raised
+                    warnings.warn(f"torch.compile failed, running without it ({type(cause).__name__}: "
+                                  f"{(str(cause).strip().splitlines() or [''])[0][:160]})", stacklevel=2)
+                    self.compiled = False
+        return decode_one_token(model, token, cache, attn_mask)
+
+
 class FastGenerator:
     """The chapter's cached loop for our Qwen3Model, made fast; the same tokens as the chapter's.
 
@@ -1203,18 +1254,14 @@ class FastGenerator:
 
     Several prompts run as one batch: a decode step reads every weight once, whether it serves
     one row or sixteen, so on a CPU a batch costs little more than a single prompt.
-    compile: run decode_one_token through torch.compile (section 2.9), compiled at the first
-    call and kept here for the later ones. float32_prompts: run prompts inside
-    float32_products() or not (default: where the CPU lacks bfloat16 arithmetic, FLOAT32_PROMPTS).
+    compile: True or "max-autotune", the decode step through CompiledDecodeStep, compiled at the
+    first call and kept here. float32_products: FastestKernels' float32 (None: measured).
     """
 
-    def __init__(self, model, compile=False, float32_prompts=None):
-        self.model, self.float32_prompts = model, float32_prompts
-        self.cache = KVCache(n_layers=model.cfg["n_layers"])
-        # model.current_pos as an input of the compiled step, not a constant of it: otherwise
-        # torch.compile would specialise on each position and compile again at every step
-        settings = functools.partial(torch._dynamo.config.patch, allow_unspec_int_on_nn_module=True)
-        self.decode = compiled_or_eager(decode_one_token, settings) if compile else decode_one_token
+    def __init__(self, model, compile=False, float32_products=None):
+        self.model, self.cache = model, KVCache(n_layers=model.cfg["n_layers"])
+        self.kernels = FastestKernels(model, float32_products)
+        self.compiled = CompiledDecodeStep(None if compile is True else compile) if compile else None
 
     @torch.inference_mode()
     def stream(self, prompts, max_new_tokens, eos_token_id=None, temperature=0.0, top_k=None, top_p=None,
@@ -1226,25 +1273,30 @@ class FastGenerator:
         row's entries are -1 (no token), and the stream ends once every row has ended.
         temperature, top_k, top_p: sampling per row, see sample_next_token (default: greedy).
         timings: a dict to fill with prompt_tokens, prefill_s, steps, new_tokens (every row's),
-        and decode_tokens and decode_s (the tokens after each row's first, and their time).
+        decode_tokens and decode_s (the tokens after each row's first, and their time), and
+        kernels (what ran, for products of how many rows).
         """
         model = self.model
         token_ids, attn_mask = left_padded(prompts, model.tok_emb.weight.device)  # (b, T), (b, T) or None
         check_generation_args(model, token_ids, max_new_tokens)
+        decode = self.compiled.for_weights_of(model) if self.compiled else decode_one_token
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=token_ids.device)
         ended = torch.zeros_like(token_ids[:, :1], dtype=torch.bool)  # (b, 1)
         self.cache.max_len = token_ids.shape[1] + max_new_tokens     # allocated once, for every position
         self.cache.reset()
         model.reset_kv_cache()
+        self.kernels.ran = {}
         start = time.perf_counter()
-        logits = prefill(model, token_ids, self.cache, self.float32_prompts, attn_mask)  # (b, vocab_size)
+        with self.kernels(token_ids.numel()):  # rows: batch x tokens
+            logits = prefill(model, token_ids, self.cache, attn_mask)  # (b, vocab_size)
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_k, top_p)  # (b, 1)
             if timings is not None:
                 _synchronize(token_ids.device)
                 if step == 0:
                     real = token_ids.numel() if attn_mask is None else int(attn_mask.sum())
-                    timings.update(prompt_tokens=real, prefill_s=time.perf_counter() - start, new_tokens=0)
+                    timings.update(prompt_tokens=real, prefill_s=time.perf_counter() - start, new_tokens=0,
+                                   kernels=self.kernels.ran)
                 timings["new_tokens"] += int((~ended).sum())  # the rows still generating
                 timings.update(steps=step + 1, decode_tokens=timings["new_tokens"] - len(ended),
                                decode_s=time.perf_counter() - start - timings["prefill_s"])
@@ -1256,8 +1308,8 @@ class FastGenerator:
                 break  # no forward pass for a token nobody asks for
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (0, 1), value=True)  # (b, S + 1): the new token is real
-            with fastest_kernels(len(next_token), model.tok_emb.weight.dtype):  # rows: one token each
-                logits = self.decode(model, next_token, self.cache, attn_mask)
+            with self.kernels(next_token.numel()):  # rows: one token each
+                logits = decode(model, next_token, self.cache, attn_mask)
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):
         """Return the new tokens: for a tensor of prompts a tensor (b, n), -1 after a row's end;
@@ -1273,7 +1325,7 @@ class FastGenerator:
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
     """Print, and return as a dict, what the command line shows after a generation: time, tokens
     per second (every row's; -1 marks no token) and, with FastGenerator's timings, time to first
-    token (the prefill) and decode speed; with the model, the memory bandwidth decoding achieved
+    token (the prefill), decode speed and the kernels that ran; with the model, the memory bandwidth decoding achieved
     (weight bytes read per step x steps/s, to compare with the roofline); and peak memory."""
     total_s, tokens = end_time - start_time, int((output_token_ids >= 0).sum())
     stats = {"time_s": total_s, "tokens": tokens, "tokens_per_s": tokens / total_s}
@@ -1291,6 +1343,10 @@ def speed_report(output_token_ids, start_time, end_time, timings=None, model=Non
                 stats["bandwidth_gb_per_s"] = per_step * (timings["steps"] - 1) / timings["decode_s"] / 1e9
                 lines.append(f"memory bandwidth: {stats['bandwidth_gb_per_s']:.1f} GB/s "
                              f"({per_step / 1e9:.2f} GB of weights read per step)")
+    if timings and timings.get("kernels"):
+        stats["kernels"] = timings["kernels"]
+        lines.append("kernels (measured fastest): " + "; ".join(f"{what} for {rows} row{'s' * (rows > 1)} (batch x "
+                                                                 f"tokens)" for rows, what in timings["kernels"].items()))
     peak, what = peak_memory(output_token_ids.device)
     if peak is not None:
         stats["peak_memory_gb"] = peak / 2**30
@@ -1401,7 +1457,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="weights' dtype (default: the checkpoint's, bfloat16); float32 takes twice the "
-                             "memory (on CPUs without bfloat16 arithmetic, prompts already run in float32)")
+                             "memory (where they run faster, prompts' products already run in float32)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or 2048 per chat turn")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.6 to sample")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")

@@ -1742,8 +1742,8 @@ def test_fast_generator_bfloat16_steps_match_the_chapters_loop(compile):
     ids = prompt_ids(batch=2)
     tokens = q.generate_text_basic_cache(model, ids, 30)
     expected = teacher_forced_logits(lambda: q.generate_text_basic_cache(model, ids, 30), tokens)
-    for float32_prompts in (False, True):
-        generator = q.FastGenerator(model, compile=compile, float32_prompts=float32_prompts)
+    for float32_products in (False, True):
+        generator = q.FastGenerator(model, compile=compile, float32_products=float32_products)
         assert_bfloat16_steps_agree(teacher_forced_logits(lambda: generator.generate(ids, 30), tokens), expected)
 
 
@@ -1832,9 +1832,9 @@ def test_generation_leaves_the_model_and_the_backend_flags_as_it_found_them(comp
         for switched_on in (True, False):  # the user's settings, on and off, are still theirs afterwards
             torch.backends.mkldnn.enabled = switched_on
             torch.backends.cuda.enable_cudnn_sdp(switched_on)
-            for float32_prompts in (True, False):
+            for float32_products in (True, False):
                 before = state()
-                generator = q.FastGenerator(model, compile=compile, float32_prompts=float32_prompts)
+                generator = q.FastGenerator(model, compile=compile, float32_products=float32_products)
                 generator.generate(prompt_ids(batch=2), 6)  # the bfloat16 steps test's shapes: its compiled step serves
                 assert state() == before
     finally:
@@ -1870,22 +1870,103 @@ def test_a_deep_copy_generates_with_its_own_weights():
     assert torch.equal(q.FastGenerator(model, compile=True).generate(ids, 20), own)
 
 
-def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+@compiles
+def test_a_compiled_generator_follows_the_weights_through_training_loading_and_int8():
+    model, ids = peaked_model(), prompt_ids()
+    generator = q.FastGenerator(model, compile=True)
+    generator.kernels.clock = fake_clock(KERNELS_FASTEST["oneDNN"][0])  # compiled with oneDNN on: prepacked copies
+    assert torch.equal(generator.generate(ids, 12), q.generate_text_basic_cache(model, ids, 12))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+
+    def train_one_step():
+        logits = model(ids)  # (1, 7, vocab): teach it to answer every position with token 3
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.full((7,), 3)).backward()
+        optimizer.step()
+
+    changes = [train_one_step, lambda: model.load_state_dict(peaked_model(seed=1).state_dict()),
+               lambda: q.quantize_int8(model)]
+    for change in changes:
+        before = q.generate_text_basic_cache(model, ids, 12)
+        change()
+        expected = q.generate_text_basic_cache(model, ids, 12)
+        assert change is changes[2] or not torch.equal(expected, before)  # int8 may keep the greedy tokens
+        with pytest.warns(UserWarning, match="weights changed since its decode step was compiled"):
+            assert torch.equal(generator.generate(ids, 12), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights: the compiled step is kept
+        assert torch.equal(generator.generate(ids, 12), expected)
+
+
+@compiles
+@pytest.mark.parametrize("faster", ["oneDNN", "native"])
+def test_the_compiled_step_freezes_the_weights_where_onednn_runs_it(faster):
+    from torch._inductor.utils import run_and_get_code
+
+    model = peaked_model()
+    generator = q.FastGenerator(model, compile=True)
+    generator.kernels.clock = fake_clock(KERNELS_FASTEST[faster][0])
+    tokens, code = run_and_get_code(lambda: generator.generate(prompt_ids(), 4))
+    assert code and all(("_frozen_param" in graph) == (faster == "oneDNN") for graph in code)
+    assert torch.equal(tokens, q.FastGenerator(model).generate(prompt_ids(), 4))
+    assert torch._inductor.config.freezing is False and torch._inductor.config.cpp_wrapper is False  # as they were
+
+
+@compiles
+def test_compiled_int8_steps_multiply_by_the_int8_weights_in_one_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    model = q.quantize_int8(peaked_model(dtype=torch.bfloat16))
+    generator = q.FastGenerator(model, compile=True)
+    tokens, code = run_and_get_code(lambda: generator.generate(prompt_ids(), 4))
+    int8_layers = sum(isinstance(module, q.Int8Linear) for module in model.modules())  # 7 a block, and the head
+    assert int8_layers == 15 and code and all(graph.count("_weight_int8pack_mm(") == int8_layers for graph in code)
+    assert torch.equal(tokens, q.FastGenerator(model).generate(prompt_ids(), 4))
+
+
+def test_a_missing_c_compiler_falls_back_to_eager_with_one_warning_naming_it():
     model = peaked_model()
     expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
-
-    def broken_compile(function, **options):
-        def run(*args, **kwargs):
-            raise RuntimeError("InductorError: CppCompileError: C++ compile error\ncc1plus: fatal error")
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
     generator = q.FastGenerator(model, compile=True)
-    with pytest.warns(UserWarning, match="torch.compile failed, running without it \\(RuntimeError: "
-                                         "InductorError: CppCompileError: C\\+\\+ compile error\\)") as warned:
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",), "force_disable_caches": True}), \
+            warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         assert torch.equal(generator.generate(prompt_ids(), 8), expected)
         assert torch.equal(generator.generate(prompt_ids(), 8), expected)  # eager from then on, unwarned
-    assert len(warned) == 1
+    failed = [str(w.message) for w in warned if "torch.compile failed" in str(w.message)]
+    assert failed == ["torch.compile failed, running without it (InvalidCxxCompiler: No working C++ compiler "
+                      "found in torch._inductor.config.cpp.cxx: ('no-such-c++',))"]
+
+
+@compiles
+def test_the_compiled_steps_own_errors_are_raised_as_they_are_and_compiling_stays_on(monkeypatch):
+    model = peaked_model()
+    step, cache = q.CompiledDecodeStep().for_weights_of(model), q.KVCache(n_layers=2)
+    with torch.inference_mode():
+        q.prefill(model, prompt_ids(), cache)
+        # met while tracing, before anything ran: the model's own error, as eager code raises it
+        with pytest.raises(ValueError, match="^token ids must be integers of shape"):
+            step(model, torch.tensor([[1.0]]), cache)
+        before = compile_count()
+        logits = step(model, torch.tensor([[3]]), cache)
+    assert compile_count() > before  # still compiling
+    assert_close_in_dtype(logits, logits_of(model, torch.cat([prompt_ids(), torch.tensor([[3]])], dim=1))[:, -1])
+
+    calls, passes = [], []  # met while running, after the step wrote the cache: raised, the step not run again
+
+    def compile_that_runs_out_of_memory(function, **options):
+        def run(*args):
+            calls.append("compiled")
+            function(*args)
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_runs_out_of_memory)
+    model.register_forward_pre_hook(lambda m, args: passes.append(args[0].shape[1]))
+    generator = q.FastGenerator(model, compile=True)
+    for _ in range(2):  # and the next generation runs the compiled step again
+        with pytest.raises(RuntimeError, match="^DefaultCPUAllocator: not enough memory$"):
+            generator.generate(prompt_ids(), 8)
+    assert calls == ["compiled"] * 2 and passes == [7, 1] * 2  # the prompt and one step, each run once
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -1897,22 +1978,6 @@ def test_a_forward_pass_gives_the_same_logits_with_and_without_autograd(dtype):
         plain = model(ids)
     trained = model(ids)
     assert trained.requires_grad and torch.equal(trained.detach(), plain)
-
-
-def test_bfloat16_arithmetic_is_read_from_the_cpu_flags():
-    assert q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 avx512f avx512_bf16 amx_tile")
-    assert q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 amx_bf16")
-    assert q.cpu_has_bfloat16_arithmetic("Features : fp asimd bf16 i8mm")  # Arm
-    assert not q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 avx512f avx512bw avx512_vnni")  # Ice Lake, Zen 3
-    assert not q.cpu_has_bfloat16_arithmetic("flags : fpu avx2 fma")
-
-
-def test_float32_prompts_are_the_default_only_where_bfloat16_is_emulated():
-    script = ("import qwen3_minimal as q\n"
-              "print(q.FLOAT32_PROMPTS, q.cpu_has_bfloat16_arithmetic())\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, check=True)
-    float32_prompts, native = result.stdout.split()
-    assert float32_prompts == str(native == "False")
 
 
 def test_float32_products_run_bfloat16_products_of_several_rows_in_float32_4096_weight_rows_at_a_time():
@@ -1927,31 +1992,103 @@ def test_float32_products_run_bfloat16_products_of_several_rows_in_float32_4096_
     assert torch.equal(one, linear(x[:1, :1]))
 
 
-@pytest.mark.parametrize("float32_prompts", [True, False])
-def test_fast_generator_runs_prompts_in_float32_only_when_asked_and_steps_never(float32_prompts):
+@pytest.mark.parametrize("float32_products", [True, False])
+def test_fast_generator_runs_products_of_several_rows_in_float32_only_when_asked(float32_products):
     model = peaked_model(dtype=torch.bfloat16)
+    generator = q.FastGenerator(model, float32_products=float32_products)
+    generator.generate(prompt_ids(batch=2, length=7), 4)  # measures the oneDNN switch for these rows
     with LinearSpy() as spy:  # a batch of 2: each step's products have several rows too
-        q.FastGenerator(model, float32_prompts=float32_prompts).generate(prompt_ids(batch=2, length=7), 4)
-    prompt = torch.float32 if float32_prompts else torch.bfloat16
-    # (rows, dtype): the prompt's 14 rows in its blocks, its last positions' 2 in the head, then the steps' 2
-    assert {(rows, dtype) for rows, dtype, _, _ in spy.products} == {(14, prompt), (2, prompt), (2, torch.bfloat16)}
+        generator.generate(prompt_ids(batch=2, length=7), 4)
+    several = torch.float32 if float32_products else torch.bfloat16
+    # (rows, dtype): the prompt's 14 rows in its blocks, its last positions' 2 in the head, the steps' 2
+    assert {(rows, dtype) for rows, dtype, _, _ in spy.products} == {(14, several), (2, several)}
 
 
-@pytest.mark.parametrize("dtype, onednn_in_steps", [(torch.bfloat16, False), (torch.float32, True)])
-def test_one_token_bfloat16_steps_run_without_onednn_and_prompts_with_it(dtype, onednn_in_steps):
-    model = peaked_model(dtype=dtype)
-    switches = []  # (oneDNN, cuDNN attention) during each forward pass
-    model.register_forward_pre_hook(lambda m, args: switches.append(
-        (torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled())))
+def fake_clock(seconds):
+    """A clock for FastestKernels that moves, from one reading to the next, by
+    seconds[(oneDNN on, inside float32_products)] of the settings in force at the second."""
+    now = [0.0]
+
+    def clock():
+        float32 = any(isinstance(mode, q.float32_products) for mode in torch.overrides._get_current_function_mode_stack())
+        value = now[0]
+        now[0] += seconds[torch.backends.mkldnn.enabled, float32]
+        return value
+
+    return clock
+
+
+KERNELS_FASTEST = {  # seconds a timed block takes on each (oneDNN, float32 products); what is chosen for 1 and 14 rows
+    "oneDNN": ({(True, False): 1.0, (False, False): 2.5, (True, True): 1.5}, (True, False), (True, False)),
+    "native": ({(True, False): 2.0, (False, False): 1.0, (True, True): 3.0}, (False, False), (False, False)),
+    "float32": ({(True, False): 2.0, (False, False): 3.0, (True, True): 1.0}, (True, False), (True, True)),
+    "a tie": ({(True, False): 1.0, (False, False): 0.97, (True, True): 0.97}, (True, False), (True, False)),
+}
+
+
+@pytest.mark.parametrize("faster", KERNELS_FASTEST)
+def test_kernels_are_chosen_by_timing_each_on_the_models_own_weights_once_per_number_of_rows(faster):
+    model = peaked_model(dtype=torch.bfloat16, n_layers=4)
+    seconds, one_row, many_rows = KERNELS_FASTEST[faster]
+    kernels = q.FastestKernels(model)
+    kernels.clock = fake_clock(seconds)
+    timed = []  # per product the measurement ran: (block, rows, oneDNN on, float32 products)
+    for i, block in enumerate(model.trf_blocks):
+        for linear in [block.att.W_query, block.att.W_key, block.att.W_value, block.att.out_proj,
+                       block.ff.fc1, block.ff.fc2, block.ff.fc3]:
+            linear.register_forward_pre_hook(lambda m, args, i=i: timed.append((i, args[0].shape[0],
+                                             torch.backends.mkldnn.enabled, bool(torch.overrides._get_current_function_mode_stack()))))
+    assert kernels.choose(1) == one_row and kernels.choose(14) == many_rows
+    assert kernels.choose(1) == one_row and kernels.choose(16) == many_rows  # measured once: 14 rows count as 16
+    # each timing runs the 7 products of one block, each time the next block; three rounds, a
+    # candidate twice as slow as the best after a round is dropped
+    runs = [timed[i] for i in range(0, len(timed), 7)]
+    assert all(timed[i:i + 7] == [runs[i // 7]] * 7 for i in range(0, len(timed), 7))
+    expected = []
+    for rows, candidates in [(1, [(True, False), (False, False)]), (16, [(True, False), (False, False), (True, True)])]:
+        best = {}
+        for i in range(3 * len(candidates)):
+            candidate = candidates[i % len(candidates)]
+            if i >= len(candidates) and seconds[candidate] > 2 * min(best.values()):
+                continue
+            best[candidate] = seconds[candidate]
+            expected.append((i % 4, rows, *candidate))
+    assert runs == expected
+    assert torch.backends.mkldnn.enabled  # the user's setting, as it was
+    torch.backends.mkldnn.enabled = False  # switched off by the user: stays off, nothing to time
+    try:
+        timed.clear()
+        assert q.FastestKernels(model).choose(1) == (False, False) and not timed
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+@pytest.mark.parametrize("faster", ["oneDNN", "native", "float32"])
+def test_fast_generator_runs_the_kernels_measured_fastest_and_says_which(faster, capsys):
+    model = peaked_model(dtype=torch.bfloat16)
+    seconds, one_row, many_rows = KERNELS_FASTEST[faster]
+    generator = q.FastGenerator(model)
+    generator.kernels.clock = fake_clock(seconds)
+    settings = []  # (oneDNN, float32 products, cuDNN attention) during each forward pass
+    model.register_forward_pre_hook(lambda m, args: settings.append((
+        torch.backends.mkldnn.enabled, bool(torch.overrides._get_current_function_mode_stack()),
+        torch.backends.cuda.cudnn_sdp_enabled())))
+    timings = {}
+    tokens = generator.generate(prompt_ids(), 12, timings=timings)
+    assert settings == [(*many_rows, False)] + [(*one_row, False)] * 11  # no cuDNN attention anywhere
     assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
-    q.FastGenerator(model).generate(prompt_ids(), 12)
-    assert switches == [(True, False)] + [(onednn_in_steps, False)] * 11  # no cuDNN attention anywhere
-    assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
+    names = {(True, False): "oneDNN", (False, False): "PyTorch's native", (True, True): "oneDNN in float32"}
+    assert timings["kernels"] == {7: names[many_rows], 1: names[one_row]}
+    q.speed_report(tokens, 0.0, 1.0, timings)
+    assert (f"kernels (measured fastest): {names[many_rows]} for 7 rows (batch x tokens); {names[one_row]} for "
+            f"1 row (batch x tokens)\n") in capsys.readouterr().out
 
 
-def test_the_kernel_switch_is_restored_after_an_error():
+def test_the_kernel_settings_are_restored_after_an_error():
+    kernels = q.FastestKernels(peaked_model(dtype=torch.bfloat16))
+    kernels.clock = fake_clock(KERNELS_FASTEST["native"][0])
     with pytest.raises(RuntimeError, match="boom"):
-        with q.fastest_kernels(1, torch.bfloat16):
+        with kernels(1):
             assert not torch.backends.mkldnn.enabled and not torch.backends.cuda.cudnn_sdp_enabled()
             raise RuntimeError("boom")
     assert torch.backends.mkldnn.enabled and torch.backends.cuda.cudnn_sdp_enabled()
@@ -1968,8 +2105,11 @@ def test_fast_generator_times_the_prompt_and_the_steps_after_the_first_token(mon
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     timings = {}
     tokens = q.FastGenerator(model).generate(prompt_ids(length=9), 10, timings=timings)
+    kernels = timings.pop("kernels")  # what ran for the prompt's rows and a step's (measured here, by the real clock)
     assert timings == {"prompt_tokens": 9, "prefill_s": 2.0, "steps": 10, "new_tokens": 10, "decode_tokens": 9,
                        "decode_s": 9 * 0.25}
+    assert set(kernels) == {9, 1}
+    timings["kernels"] = kernels
     stats = q.speed_report(tokens, 0.0, 5.0, timings, model)
     assert stats["time_s"] == 5.0 and stats["tokens_per_s"] == 10 / 5.0 and stats["time_to_first_token_s"] == 2.0
     assert stats["prefill_tokens_per_s"] == 9 / 2.0
@@ -1990,6 +2130,7 @@ def test_fast_generator_times_the_prompt_and_the_steps_after_the_first_token(mon
     tokens = q.FastGenerator(model).stream(prompts, 10, eos_token_id=eos, timings=timings)
     tokens = torch.cat(list(tokens), dim=1)
     assert tokens.tolist() == [free[0], free[1][:3] + [-1] * 7]
+    assert set(timings.pop("kernels")) == {2 * 9, 2}  # the prompts' rows (padding too), then a row each
     assert timings == {"prompt_tokens": 14, "prefill_s": 2.0, "steps": 10, "new_tokens": 10 + 4,
                        "decode_tokens": 14 - 2, "decode_s": 9 * 0.25}
     stats = q.speed_report(tokens, 0.0, 5.0, timings, model)
@@ -2047,8 +2188,8 @@ def test_int8_decoding_matches_the_dequantized_bfloat16_model_step_by_step():
     ids = prompt_ids(batch=2)
     tokens = q.generate_text_basic_cache(reference, ids, 30)
     expected = teacher_forced_logits(lambda: q.generate_text_basic_cache(reference, ids, 30), tokens)
-    for float32_prompts in (False, True):  # the steps take the int8 kernel, the prompt the plain product
-        generator = q.FastGenerator(model, float32_prompts=float32_prompts)
+    for float32_products in (False, True):  # the steps take the int8 kernel, the prompt the plain product
+        generator = q.FastGenerator(model, float32_products=float32_products)
         assert_bfloat16_steps_agree(teacher_forced_logits(lambda: generator.generate(ids, 30), tokens), expected)
 
 
@@ -2169,7 +2310,7 @@ def test_bench_rates_are_the_ratios_of_the_times_it_measured_in_every_row(tmp_pa
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "out.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    ours = ["ours bfloat16", "ours float32", "ours int8"]
+    ours = ["ours bfloat16", "ours bfloat16, the chapter's loop", "ours float32", "ours int8"]
     peers = [name for name, module in [("transformers bfloat16", "transformers"),
                                        ("book package bfloat16", "reasoning_from_scratch")]
              if importlib.util.find_spec(module)]
@@ -2186,6 +2327,11 @@ def test_bench_rates_are_the_ratios_of_the_times_it_measured_in_every_row(tmp_pa
     line = next(line for line in out.splitlines() if line.startswith("ours int8 "))
     roof = 100 * 4.0 / rows["ours int8"]["roofline"]
     assert line.split()[2:7] == ["64.0", "4.00", f"{roof:.0f}", f"{64 / 152.56:.2f}", f"{4 / 22.64:.2f}"]
+    # and FastGenerator beside the chapter's loop and the peers, with the capability they ran on
+    ratios = out[out.index("decode, ratio of medians"):].splitlines()
+    assert ratios[0] == f"decode, ratio of medians (capability {torch.backends.cpu.get_cpu_capability()}):"
+    assert ratios[1:2 + len(peers)] == [f"  ours bfloat16 / {name}: 1.00" for name in ours[1:2] + peers]
+    assert all(set(rows[name]["kernels"]) == {"128", "1"} for name in ours if "loop" not in name)  # what ran, per rows
 
 
 def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
@@ -2204,7 +2350,20 @@ def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, m
     assert "transformers bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
     assert "book package bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
     names = [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]]
-    assert names == ["ours bfloat16", "ours float32", "ours int8"]
+    assert names == ["ours bfloat16", "ours bfloat16, the chapter's loop", "ours float32", "ours int8"]
+
+
+def test_bench_runs_only_the_rows_asked_for(tmp_path, monkeypatch, capsys):
+    bench = import_bench()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "1", "--only", "ours int8",
+                                      "--json", str(tmp_path / "out.json")])
+    bench.main()
+    assert [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]] == ["ours int8"]
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "1", "--only", "ours int9"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--only ['ours int9']: no such row" in capsys.readouterr().err
 
 
 # =============================================================================================
