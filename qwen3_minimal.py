@@ -15,7 +15,8 @@ Read it top to bottom, in the chapter's order:
   2. tokenizer              Qwen3Tokenizer, chat template, streaming decode      (section 2.4)
   3. model parts            RMSNorm, RoPE, KVCache, attention, feedforward, block (figure 2.8, appendix C)
   4. the model              Qwen3Model, current_pos, padding masks, its configs  (section 2.5)
-  5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5)
+  5. weights                download_qwen3_small, names, safetensors, load_qwen3 (section 2.5),
+                            and the later chapters' loaders and checkpoints
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
   7. speed and memory       beyond the chapter: FastGenerator (prefill, decode_one_token,
@@ -57,9 +58,9 @@ import torch.nn.functional as F
 
 # =============================================================================================
 # 1. Device
-# A model runs wherever its tensors live. get_device() picks the fastest accelerator that PyTorch
-# sees, exactly as the chapter's does (section 2.5), and falls back to the CPU, which is enough for
-# chapters 2-4 (the README's "Performance" section has the book's figures and ours).
+# A model runs wherever its tensors live. get_device() picks the first accelerator PyTorch sees
+# (CUDA, Apple's MPS, Intel's XPU), as the book's package does (section 2.5), and falls back to the
+# CPU, which is enough for chapters 2-4 (the README's "Performance" section has the figures).
 # =============================================================================================
 
 
@@ -112,11 +113,12 @@ class Qwen3Tokenizer:
         path = Path(tokenizer_file_path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"tokenizer file {path} not found: download it first, e.g. "
-                f"download_qwen3_small(kind='base', tokenizer_only=True, out_dir='{path.parent}')")
+                f"tokenizer file {path} not found: download it first, with download_qwen3_small(kind="
+                f"'{'reasoning' if 'reasoning' in path.name else 'base'}', tokenizer_only=True, out_dir="
+                f"'{path.parent}') for the book's files or download_qwen3(repo_id) for an official checkpoint")
         self._tok = Tokenizer.from_file(str(path))
         self._added_tokens = {token.content for token in self._tok.get_added_tokens_decoder().values()}
-        self.chat_wrapped = apply_chat_template  # (the method of that name renders chats)
+        self.chat_wrapped = apply_chat_template  # (the book's name: here the method below has it)
         self.add_generation_prompt = add_generation_prompt
         self.add_thinking = add_thinking
         self.pad_token_id = self._tok.token_to_id("<|endoftext|>")
@@ -158,7 +160,7 @@ class Qwen3Tokenizer:
         return self._tok.encode(prompt, add_special_tokens=False).ids
 
     def decode(self, token_ids):
-        """Token ids (a list, or a tensor of any shape) -> text, special tokens included."""
+        """Token ids (a list, or a tensor: its rows are joined) -> text, special tokens included."""
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.reshape(-1).tolist()
         return self._tok.decode(token_ids, skip_special_tokens=False)
@@ -179,8 +181,9 @@ class Qwen3Tokenizer:
 
         `messages` is a list of {"role": "system" | "user" | "assistant", "content": str}.
         Assistant turns before the last user message lose their <think>...</think> part (the
-        model never sees its old reasoning); `enable_thinking=False` pre-fills an empty think
-        block so that the model answers directly.
+        model never sees its old reasoning; an assistant message may also give it apart, as
+        "reasoning_content"); `enable_thinking=False` pre-fills an empty think block so that the
+        model answers directly.
         """
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -282,8 +285,8 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, dtype=
 
 def apply_rope(x, cos, sin):
     """Rotate x of shape (b, heads, T, head_dim) to its T positions, whose rows of the tables
-    cos and sin Qwen3Model.forward picks: (1, T, head_dim), or (b, 1, T, head_dim) when each row
-    of a batch has positions of its own."""
+    cos and sin Qwen3Model.forward picks: (1, 1, T, head_dim), or (b, 1, T, head_dim) when each
+    row of a batch has positions of its own."""
     head_dim = x.shape[3]
     # Like transformers, round cos and sin to x's dtype and rotate in that dtype. (The book
     # rotates in float32; in bfloat16 the two differ in the last bits.)
@@ -295,7 +298,7 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """The keys and values that attention has computed so far: per layer, a (keys, values) pair,
-    each of shape (b, kv_heads, S, head_dim). Chapter 2.8 introduces it.
+    each of shape (b, kv_heads, S, head_dim). Section 2.8 introduces it.
 
     Generating token t+1 needs the keys and values of tokens 1..t. Without a cache the model
     recomputes all of them for every new token; with one it computes only the new token's and
@@ -371,7 +374,7 @@ class GroupedQueryAttention(nn.Module):
     """
 
     # True: PyTorch's fused attention kernel (fast). False: the plain computation written out,
-    # as the book and appendix C teach it; both give the same result (a test checks it).
+    # as the book and appendix C teach it; both give the same result.
     fused = True
 
     def __init__(self, d_in, num_heads, num_kv_groups, head_dim, qk_norm=True, dtype=None):
@@ -389,8 +392,8 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x, mask, cos, sin, cache=None, layer_idx=0):
-        """mask: (1, T, S) or (b, 1, T, S), True where a new token may see a position;
-        cos, sin: (1, T, head_dim) or (b, 1, T, head_dim): see Qwen3Model.forward."""
+        """mask: (1 or b, 1, T, S), True where a new token may see a position;
+        cos, sin: (1 or b, 1, T, head_dim): see Qwen3Model.forward."""
         b, T, _ = x.shape
         queries = self.W_query(x).view(b, T, self.num_heads, self.head_dim)     # (b, T, num_heads, head_dim)
         keys = self.W_key(x).view(b, T, self.num_kv_groups, self.head_dim)      # (b, T, num_kv_groups, head_dim)
@@ -411,7 +414,7 @@ class GroupedQueryAttention(nn.Module):
             # head g*group_size + j, token t becomes row j*T + t of group g, and the mask repeats
             # for each j. (enable_gqa=True says the same in one flag, but copies the kv heads.)
             grouped = queries.reshape(b, self.num_kv_groups, self.group_size * T, self.head_dim)
-            grouped_mask = mask.tile(self.group_size, 1)             # (1 or b, ..., group_size * T, S)
+            grouped_mask = mask.tile(self.group_size, 1)             # (1 or b, 1, group_size * T, S)
             context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=grouped_mask)
             context = context.reshape(b, self.num_heads, T, self.head_dim)  # (kernels may not return it contiguous)
         else:
@@ -476,7 +479,7 @@ class Qwen3Model(nn.Module):
     """Qwen3 as in figure 2.8. cfg is a config dict such as QWEN_CONFIG_06_B (right below this
     class, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...).
 
-    model(token_ids) returns logits (b, T, vocab_size). With a KV cache, as in chapter 2.8,
+    model(token_ids) returns logits (b, T, vocab_size). With a KV cache, as in section 2.8,
     model(token_ids, cache=cache) continues the sequence at model.current_pos, the number of
     positions seen so far; model.reset_kv_cache() starts a new sequence.
     """
@@ -550,7 +553,7 @@ class Qwen3Model(nn.Module):
             self.current_pos = end_pos
         if last_only:
             x = x[:, -1:]                                        # (b, 1, emb_dim)
-        return self.out_head(self.final_norm(x))                 # (b, T, vocab_size)
+        return self.out_head(self.final_norm(x))                 # (b, T or 1, vocab_size)
 
 
 def padding_mask(attn_mask, batch_size, positions, check=True):
@@ -632,8 +635,7 @@ def qwen3_config_from_hf(config):
 # Pre-trained weights are what make the model useful (section 2.5). They come in two layouts:
 # the book's .pth files (a PyTorch state dict in this file's names) and the official Qwen
 # checkpoints (safetensors files in transformers' names): one name map and one loader serve both.
-# Every file comes through download_file (section 9): a file under its final name is complete,
-# and a complete file is reused without a network.
+# Every file comes through download_file (section 9), or is found in the Hugging Face cache.
 # =============================================================================================
 
 BOOK_REPO = "rasbt/qwen3-from-scratch"
@@ -793,7 +795,7 @@ def load_qwen3(path, device=None, dtype=None):
     """A Qwen3Model in eval mode from an official checkpoint folder (config.json and safetensors
     files) or one of the book's .pth files (sizes read off its shapes). The model is built on the
     "meta" device (shapes without memory) and the file's tensors are then assigned to it, so
-    loading holds one copy of the weights: the memory-mapped file's."""
+    loading holds one copy of the weights, the memory-mapped file's (on the CPU, in its dtype)."""
     path = Path(path)
     if path.suffix == ".pth" and path.is_file():
         try:
@@ -1439,7 +1441,6 @@ EXAMPLES = """examples:
   python qwen3_minimal.py --prompt "2 + 2 =" --prompt "The capital of France is"  # several prompts, one batch
   python qwen3_minimal.py --chat                           # multi-turn chat, thinking shown apart
   python qwen3_minimal.py --model Qwen/Qwen3-1.7B --chat   # an official checkpoint from the hub
-  python qwen3_minimal.py --model qwen3/qwen3-0.6B-base.pth  # a local checkpoint (file or folder)
   python qwen3_minimal.py --random-weights --compile       # offline: the 0.6B shape, random weights
 """
 
@@ -1450,20 +1451,19 @@ def parse_args(argv=None):
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", action="append", help=f"text to continue (default: {DEFAULT_PROMPT!r}); give "
                         f"it more than once to answer several prompts in one batch")
-    parser.add_argument("--prompts-file", help="a text file of prompts, one per line, answered in one batch")
     parser.add_argument("--model", help="'base' (default) or 'reasoning' (the book's 0.6B files), an official "
                                          "repo id such as Qwen/Qwen3-1.7B, or a checkpoint folder or .pth file")
     parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="weights' dtype (default: the checkpoint's, bfloat16); float32 takes twice the "
-                             "memory (where they run faster, prompts' products already run in float32)")
+                             "memory, and prompts already compute in float32 where that is faster")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or 2048 per chat turn")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.6 to sample")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens up to this mass")
     parser.add_argument("--seed", type=int, default=123, help="random seed for sampling (and random weights)")
-    parser.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (the first run waits for it)")
     parser.add_argument("--int8", action="store_true", help="int8 linear weights: less memory, slightly less exact")
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat (uses 'reasoning' by default)")
     parser.add_argument("--no-think", action="store_true", help="chat models: answer without thinking first")
@@ -1497,14 +1497,6 @@ def load_from_args(args, device):
     tokenizer_file = path / "tokenizer.json" if path.is_dir() else \
         path.parent / BOOK_FILES["reasoning" if "reasoning" in path.name else "base"][1]
     return load_qwen3(path, device, dtype), Qwen3Tokenizer(tokenizer_file)
-
-
-def read_prompts(args):
-    """The prompts to answer: each --prompt, then each non-empty line of --prompts-file."""
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return prompts or [DEFAULT_PROMPT]
 
 
 def stream_reply(generator, tokenizer, prompts, args, max_new_tokens):
@@ -1564,7 +1556,7 @@ def main(argv=None):
             return chat(generator, tokenizer, args, device)
         is_chat_model = tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
         prompts = [(tokenizer.apply_chat_template([{"role": "user", "content": text}], enable_thinking=not args.no_think)
-                    if is_chat_model else text) for text in read_prompts(args)]
+                    if is_chat_model else text) for text in args.prompt or [DEFAULT_PROMPT]]
         ids = [tokenizer.encode(prompt) if tokenizer else list(prompt.encode("utf-8")) for prompt in prompts]
         if tokenizer is None:
             print("(no tokenizer downloaded yet: the prompt's bytes stand in for tokens, ids are printed)")

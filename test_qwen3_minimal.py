@@ -2539,7 +2539,6 @@ def test_dtype_int8_and_compile_flags_change_the_model_and_the_call(tiny_checkpo
 
 def test_several_prompts_are_answered_in_one_batch_each_under_its_prompt(tiny_checkpoint, tmp_path, monkeypatch,
                                                                         capsys):
-    (tmp_path / "prompts.txt").write_text("A third one, longer than the others\n\nFourth\n")
     passes = []
     real_stream = q.FastGenerator.stream
     monkeypatch.setattr(q.FastGenerator, "stream", lambda self, prompts, *args, **kwargs: (
@@ -2547,12 +2546,12 @@ def test_several_prompts_are_answered_in_one_batch_each_under_its_prompt(tiny_ch
     reports, real_report = [], q.speed_report
     monkeypatch.setattr(q, "speed_report", lambda *args: reports.append(real_report(*args)))
     q.main(["--model", str(tiny_checkpoint), "--dtype", "float32", "--max-new-tokens", "6", "--prompt", "Hi",
-            "--prompt", "Tell me", "--prompts-file", str(tmp_path / "prompts.txt")])
+            "--prompt", "Tell me", "--prompt", "A third one, longer than the others", "--prompt", "Fourth"])
     out = capsys.readouterr().out
     model, tokenizer = q.load_qwen3(tiny_checkpoint, dtype=torch.float32), q.Qwen3Tokenizer(tiny_checkpoint / "tokenizer.json")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}])  # a chat model's prompts
              for text in ["Hi", "Tell me", "A third one, longer than the others", "Fourth"]]
-    assert passes == [[tokenizer.encode(text) for text in texts]]  # one batch, the file's empty line skipped
+    assert passes == [[tokenizer.encode(text) for text in texts]]  # one batch
     answers = q.FastGenerator(model).generate(passes[0], 6, eos_token_id=tokenizer.eos_token_ids)
     shown = [f"\n[{i + 1}/4] {text}{tokenizer.decode(answer)}\n" for i, (text, answer) in enumerate(zip(texts, answers))]
     assert all(line in out for line in shown) and out.index(shown[0]) < out.index(shown[3])
