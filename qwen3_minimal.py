@@ -837,9 +837,7 @@ def load_qwen3(path, device=None, dtype=None):
 
 
 def load_tokenizer_only(which_model, local_dir="qwen3"):
-    """Chapter 3's tokenizer of the book's "base" or "reasoning" model, downloaded into
-    local_dir. The reasoning one wraps every prompt as a user turn of the chat template, its
-    reply to come with thinking, as chapter 3 evaluates it."""
+    """Chapter 3's: the "base" or "reasoning" tokenizer; the reasoning one wraps each prompt as a chat turn."""
     if which_model not in BOOK_FILES:
         raise ValueError(f"which_model must be 'base' or 'reasoning', not {which_model!r}")
     download_qwen3_small(which_model, tokenizer_only=True, out_dir=local_dir)
@@ -849,8 +847,7 @@ def load_tokenizer_only(which_model, local_dir="qwen3"):
 
 
 def load_model_and_tokenizer(which_model, device, use_compile, local_dir="qwen3"):
-    """Chapter 3's loader: the book's "base" or "reasoning" 0.6B model on `device`, compiled
-    with torch.compile if use_compile, and load_tokenizer_only's tokenizer."""
+    """Chapter 3's: the book's "base" or "reasoning" 0.6B model on `device` (compiled if use_compile)."""
     tokenizer = load_tokenizer_only(which_model, local_dir)
     download_qwen3_small(which_model, out_dir=local_dir)
     model = load_qwen3(Path(local_dir) / BOOK_FILES[which_model][0], device)
@@ -1049,23 +1046,16 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 
 # =============================================================================================
 # 7. Speed and memory, beyond the chapter
-# The chapter's loops are right but leave speed on the table. FastGenerator runs the same cached
-# loop with what fast implementations do, each step named where the loop uses it:
-#   - the caller holds the state that speed keeps between calls, as gpt-fast's caller holds its
-#     caches: one KVCache, whose buffers a generation allocates at its first write for every
-#     position it will reach, the kernels measured fastest here (FastestKernels), and the decode
-#     step, compiled if asked (CompiledDecodeStep; gpt-fast: decode = torch.compile(decode_one_token));
-#   - prefill() runs the prompt and decode_one_token() each new token, with the output head
-#     computed for the last position only (for 0.6B the head is a quarter of all weights).
-# The model is used as it is: no weight, buffer or global setting is left changed (current_pos
-# ends where the sequence ends, as after any cached call). Then come the speed report of the
-# command line and int8 weights (quantize_int8, a module swap that print(model) shows). The
-# README's "Performance" section has the measurements behind each choice.
-#
-# Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
-# arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
-# reading each weight once for two operations: the speed of reading memory is the limit, and the
-# best a step can do is (bytes of weights) / (memory bandwidth), the "roofline".
+# The chapter's loops are right but leave speed on the table. Two kinds of step: the prefill
+# multiplies each weight matrix by many token vectors at once, so arithmetic is its limit; a
+# decode step multiplies it by one vector per row, reading each weight once for two operations,
+# so the speed of reading memory is its limit: at best (bytes of weights) / (memory bandwidth),
+# the "roofline". FastGenerator runs the chapter's cached loop with what fast implementations do,
+# as gpt-fast does it: the caller holds what speed keeps between calls (a KVCache allocated once
+# per generation, the kernels measured fastest here, the compiled decode step); prefill() and
+# decode_one_token() compute the output head for the last position only; several prompts run as
+# one batch. No weight, buffer or global setting of the model is left changed. Then come the
+# speed report and int8 weights (quantize_int8, a module swap that print(model) shows).
 # =============================================================================================
 
 
@@ -1089,21 +1079,19 @@ class float32_products(torch.overrides.TorchFunctionMode):
 
 
 class FastestKernels:
-    """`with kernels(rows):` runs its block with the kernels measured fastest for products of
-    `rows` rows (batch x tokens) by this model's weights, and restores the settings after.
-
-    Which kernel is faster depends on the CPU (every rule naming a kind of CPU was wrong on the
-    next; the README's "Performance" has CPUs where each side wins), so both are timed on the
-    model's own weights: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls
-    for many CPU operations) or PyTorch's native kernel; and for bfloat16 weights and several
-    rows, float32_products() or not (float32: None measures it, True or False decides). On a GPU
-    nothing is measured, and cuDNN's attention kernel is left out: it makes a plan for every new
-    sequence length, which takes longer than attending, and generation meets one at every step.
+    """`kernels = FastestKernels(model)`, then `with kernels(rows):` runs its block with the
+    kernels measured fastest for products of `rows` rows (batch x tokens) by this model's weights,
+    and restores the settings after. Which is faster depends on the CPU, so both are timed on a
+    CPU: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls for many CPU
+    operations) or PyTorch's native kernel; and for bfloat16 weights and several rows,
+    float32_products() or not (float32: None times both, True or False decides). On a GPU nothing
+    is timed, and cuDNN's attention kernel is left out: it makes a plan for every new sequence
+    length, which takes longer than attending, and generation meets one at every step.
     """
 
     clock = staticmethod(time.perf_counter)
 
-    def __init__(self, model, float32=None, rounds=3):
+    def __init__(self, model, float32=None, rounds=4):
         self.model, self.float32, self.rounds = model, float32, rounds
         self.chosen = {}  # (rounded rows, oneDNN allowed) -> (oneDNN on, float32 products)
         self.ran = {}     # rows -> what ran, in words, for speed_report
@@ -1115,7 +1103,8 @@ class FastestKernels:
             torch.backends.cuda.enable_cudnn_sdp(False)
             use_onednn, float32 = self.choose(rows)
             torch.backends.mkldnn.enabled = use_onednn
-            self.ran[rows] = ("oneDNN" if use_onednn else "PyTorch's native") + (" in float32" if float32 else "")
+            if self.model.tok_emb.weight.device.type == "cpu":
+                self.ran[rows] = ("oneDNN" if use_onednn else "PyTorch's native") + (" in float32" * float32)
             with float32_products() if float32 else contextlib.nullcontext():
                 yield
         finally:
@@ -1124,11 +1113,11 @@ class FastestKernels:
 
     @torch.inference_mode()
     def choose(self, rows):
-        """(oneDNN on, float32 products) for `rows` rows, measured once per power of two (32 or more
-        count as 32: bound by arithmetic, kernels rank as for more). Each candidate runs one block's
-        products `rounds` times, each time another block's, so that weights come from memory, not a
-        cache; its best time counts, one twice as slow as the best is not timed again, and the
-        first, the user's setting (oneDNN off stays off), keeps a tie (5%)."""
+        """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more
+        count as 32: bound by arithmetic). Each candidate runs one block's products, `rounds` times,
+        each time another block's so that weights come from memory, not a cache; its best time
+        counts (a first run prepares oneDNN's kernels); after two rounds one twice as slow as the
+        best runs no more, and the first, the user's setting (oneDNN off stays off), keeps a tie."""
         weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
@@ -1144,7 +1133,7 @@ class FastestKernels:
         try:
             for i in range(self.rounds * len(candidates)):
                 candidate = candidates[i % len(candidates)]
-                if i < len(candidates) or best[candidate] <= 2 * min(best.values()):
+                if i < 2 * len(candidates) or best[candidate] <= 2 * min(best.values()):
                     torch.backends.mkldnn.enabled = candidate[0]
                     with float32_products() if candidate[1] else contextlib.nullcontext():
                         start = self.clock()
@@ -1192,18 +1181,11 @@ def left_padded(prompts, device):
 
 
 class CompiledDecodeStep:
-    """decode_one_token through torch.compile (section 2.9), as fast as the device allows; where
+    """decode_one_token through torch.compile (section 2.9), compiled at its first call; where
     compiling fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token
-    itself, after one warning naming what failed.
-
-    On a CPU with `cpp_wrapper` (kernels called from C++, not Python) and, where FastestKernels has
-    oneDNN on while it compiles, `freezing` (the weights become constants of the compiled code,
-    prepacked in oneDNN's layout), both set around each call, never left set. int8 weights reach it
-    as torch._weight_int8pack_mm, the kernel its weight-only int8 pass would pick. mode=
-    "max-autotune": inductor also times its own code for matrix products against the libraries'.
-    Frozen weights are copies: each generation compares the model's weights (each tensor's storage,
-    dtype, shape and version counter, which in-place changes such as an optimizer step advance)
-    with those compiled in; where they changed, it compiles again.
+    itself, after one warning naming what failed. mode="max-autotune": inductor also times its own
+    code for matrix products against the libraries'. On a CPU the weights are frozen into the
+    compiled code, so each generation checks that they are still the model's (see below).
     """
 
     def __init__(self, mode=None):
@@ -1217,8 +1199,9 @@ class CompiledDecodeStep:
             if self.weights is not None:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # A copy of decode_one_token's code for this step alone: torch.compile keeps what it compiled
-            # (copies of the weights) with the code; the old is freed with its copy, a new copy compiles afresh.
+            # Frozen weights are copies: where a tensor's storage, dtype, shape or version counter (which
+            # an optimizer step or load_state_dict advances) changed, compile a fresh copy of
+            # decode_one_token's code (torch.compile keeps what it compiled with the code)
             step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
             self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
@@ -1227,8 +1210,10 @@ class CompiledDecodeStep:
     def __call__(self, model, token, cache, attn_mask=None):
         if self.compiled:
             try:
-                # model.current_pos as an input of the compiled step, not a constant of it: otherwise
-                # torch.compile would specialise on each position and compile again at every step
+                # current_pos an input of the step, not a constant compiled again at every position. CPU:
+                # "freezing" lays the weights out for oneDNN's kernel ahead of time (only where oneDNN
+                # runs the step), "cpp_wrapper" calls the kernels from C++; int8 weights go through
+                # torch._weight_int8pack_mm, the kernel inductor's weight-only int8 pass picks
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
                         torch._inductor.config.patch(freezing=self.cpu and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
@@ -1382,10 +1367,8 @@ def peak_memory(device):
 
 # Smaller weights: int8 (not in the book). Storing each Linear weight as int8 with one scale per
 # output row (w ~= w_int8 * scale, scale = max|row| / 127) halves the memory of the linear layers
-# and the bytes a decode step reads, at a small cost in accuracy. Whether that makes decoding
-# faster depends on the CPU: the int8 kernel must keep pace with memory (the README's
-# "Performance" section says where it does). The embedding lookup reads one row per token and
-# the norms are tiny, so they stay as they are.
+# and the bytes a decode step reads, at a small cost in accuracy; whether decoding gets faster
+# depends on whether the CPU's int8 kernel keeps pace with memory.
 
 class Int8Linear(nn.Module):
     """A bias-free Linear layer with int8 weights and per-output-row scales."""
@@ -1402,7 +1385,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)                                   # (b * T, in_features)
         if rows.shape[0] <= 4 and x.device.type in ("cpu", "mps"):
-            # Decoding: a fused kernel multiplies by the int8 weights directly
+            # Decoding a few rows: a fused kernel multiplies by the int8 weights directly (with
+            # more rows it falls behind the plain product below)
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         else:
             # The plain idea, which also suits prompts (compute-bound, where that kernel is slow):
