@@ -70,8 +70,7 @@ def get_device(enable_tensor_cores=True):
         device = torch.device("cuda")
         print("Using NVIDIA CUDA GPU")
         if enable_tensor_cores:
-            # TF32 ("TensorFloat-32") is the tensor cores' float32 format with a 10-bit mantissa:
-            # float32 matrix products get several times faster at a small cost in precision.
+            # TF32, the tensor cores' float32 with a 10-bit mantissa: far faster, a little less exact
             torch.set_float32_matmul_precision("high")
     elif torch.backends.mps.is_available():
         device = torch.device("mps")
@@ -98,12 +97,10 @@ def get_device(enable_tensor_cores=True):
 class Qwen3Tokenizer:
     """Qwen3's tokenizer with the book's interface: `encode(text) -> ids`, `decode(ids) -> text`.
 
-    Args:
-        tokenizer_file_path: a tokenizer.json file (the book's tokenizer-base.json or
-            tokenizer-reasoning.json, or an official checkpoint's tokenizer.json).
-        apply_chat_template: wrap every encoded prompt as one user turn of the chat template.
-        add_generation_prompt: end that wrap with the assistant header, so the model answers.
-        add_thinking: leave the think block to the model (True) or close it empty (False).
+    tokenizer_file_path: the book's tokenizer-base.json or tokenizer-reasoning.json, or an
+    official checkpoint's tokenizer.json. apply_chat_template: wrap every encoded prompt as a user
+    turn of the chat template, ending with the assistant header if add_generation_prompt, and
+    with the think block left to the model if add_thinking (else closed empty).
     """
 
     def __init__(self, tokenizer_file_path="tokenizer-base.json", apply_chat_template=False,
@@ -137,11 +134,9 @@ class Qwen3Tokenizer:
 
     @staticmethod
     def _eos_ids_from_config(folder):
-        for name in ("generation_config.json", "config.json"):
-            if (folder / name).is_file():
-                eos = json.loads((folder / name).read_text()).get("eos_token_id")
-                if eos is not None:
-                    return list(eos) if isinstance(eos, list) else [eos]
+        for file in (folder / "generation_config.json", folder / "config.json"):
+            if (eos := json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None) is not None:
+                return list(eos) if isinstance(eos, list) else [eos]
         return None
 
     def encode(self, prompt, chat_wrapped=None):
@@ -309,9 +304,8 @@ class KVCache:
     into buffers allocated at a sequence's first write, instead of copying every cached key into
     a longer tensor at each step. Give max_len, the most positions a sequence will need, to
     allocate it all at once; without it the buffers grow as needed, in steps of 256 positions
-    (each growth copies what is held). What get() returns are views of those buffers; later
-    writes go after them, and reset() gives the next sequence new buffers, so a view taken once
-    keeps its values, as with the book's cache. What update() stores replaces what a layer held.
+    (each growth copies what is held). get() returns views of them: later writes go after, and
+    reset() gives the next sequence new buffers, so a view keeps its values, as the book's do.
     """
 
     def __init__(self, n_layers, max_len=None):
@@ -654,8 +648,7 @@ def download_qwen3_small(kind="base", tokenizer_only=False, out_dir="."):
         download_file(hub_url(BOOK_REPO, name), out_dir, backup_url=f"{BOOK_MIRROR}/qwen3-0.6B/{name}")
 
 
-# Chapters 7 (GRPO) and 8 (distillation) load the book's checkpoints of their training runs:
-# .pth files in the book's names, which load_qwen3 reads. Steps are written with five digits.
+# Chapters 7 (GRPO) and 8 (distillation) load the book's .pth checkpoints of their training runs.
 GRPO_FOLDERS = {"no_kl": "grpo_original_no_kl", "tracking": "7_3_plus_tracking/checkpoints",
                 "clip_ratio": "7_4_plus_clip_ratio/checkpoints", "kl": "7_5_plus_kl/checkpoints",
                 "format_reward": "7_6_plus_format_reward/checkpoints"}
@@ -858,10 +851,9 @@ def load_model_and_tokenizer(which_model, device, use_compile, local_dir="qwen3"
 
 
 def load_hf_weights_into_qwen(model, param_config, params):
-    """Copy official weights {transformers name: tensor} into a Qwen3Model, as the book's
-    appendix does: into the model's own tensors, in the model's dtype. `param_config` (the
-    model's config dict) is taken for the book's signature. Without "lm_head.weight" the head is
-    tied to the embedding, as there. Nothing is copied unless every tensor fits."""
+    """The book's appendix D: copy official weights {transformers name: tensor} into the model's own
+    tensors, in its dtype, tying the head where "lm_head.weight" is absent; nothing is copied unless
+    every tensor fits. `param_config`, the model's config, is kept for the book's signature."""
     state = {hf_to_book_name(name) or f"(unknown) {name}": tensor for name, tensor in params.items()}
     if "out_head.weight" not in state and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
@@ -1166,9 +1158,8 @@ def decode_one_token(model, token, cache, attn_mask=None):
 
 
 def left_padded(prompts, device):
-    """Prompts of any lengths (lists of ids) -> one batch (b, T), each padded on the left to the
-    longest, and its mask (b, T), True for real tokens (None where no prompt needs padding). A
-    tensor (b, T) is already a batch. The padding is token 0: the mask keeps it out of sight."""
+    """Prompts of any lengths (lists of ids) -> one batch (b, T), each padded on the left with 0s
+    to the longest, and its mask (b, T), True for real tokens (None where nothing is padded)."""
     if isinstance(prompts, torch.Tensor):
         return prompts, None
     if not prompts or not all(isinstance(ids, (list, tuple)) and ids for ids in prompts):
@@ -1219,9 +1210,8 @@ class CompiledDecodeStep:
                                                      cpp_wrapper=self.cpu):
                     return self.compiled(model, token, cache, attn_mask)
             except torch._dynamo.exc.TorchDynamoException as exc:
-                # Raised while tracing or compiling, so nothing ran (fullgraph=True: one graph, compiled
-                # first): the compiler's failure, or the step's own error met while tracing (a wrong
-                # shape), which running it eagerly raises as it is. Errors while running pass through.
+                # Raised while tracing or compiling (fullgraph=True: before anything ran): the compiler's
+                # failure, or the step's own error (a wrong shape), which running it eagerly raises.
                 own_error = isinstance(exc, torch._dynamo.exc.TorchRuntimeError) or \
                     isinstance(exc.__cause__ or exc.__context__, torch._dynamo.exc.ObservedException)
                 if not own_error:
@@ -1233,16 +1223,14 @@ class CompiledDecodeStep:
 
 
 class FastGenerator:
-    """The chapter's cached loop for our Qwen3Model, made fast; the same tokens as the chapter's.
+    """The chapter's cached loop for our Qwen3Model, made fast: its tokens, up to rounding.
 
         generator = FastGenerator(model, compile=True)   # held by the caller, reused across calls
         new_tokens = generator.generate(token_ids, max_new_tokens=64)
         answers = generator.generate([tokenizer.encode(q) for q in questions], max_new_tokens=64)
 
-    Several prompts run as one batch: a decode step reads every weight once, whether it serves
-    one row or sixteen, so on a CPU a batch costs little more than a single prompt.
-    compile: True or "max-autotune", the decode step through CompiledDecodeStep, compiled at the
-    first call and kept here. float32_products: FastestKernels' float32 (None: measured).
+    Several prompts run as one batch: a decode step reads every weight once however many rows it
+    serves. compile: True or "max-autotune" (CompiledDecodeStep). float32_products: FastestKernels'.
     """
 
     def __init__(self, model, compile=False, float32_products=None):
@@ -1255,13 +1243,11 @@ class FastGenerator:
                timings=None):
         """Yield the new tokens step by step, each step a tensor (b, 1): one token per row.
 
-        prompts: token ids (b, T), or a list of b lists of token ids of any lengths. eos_token_id:
-        an id or a list of ids; each row ends at its own, which is not yielded: from then on the
-        row's entries are -1 (no token), and the stream ends once every row has ended.
-        temperature, top_k, top_p: sampling per row, see sample_next_token (default: greedy).
-        timings: a dict to fill with prompt_tokens, prefill_s, steps, new_tokens (every row's),
-        decode_tokens and decode_s (the tokens after each row's first, and their time), and
-        kernels (what ran, for products of how many rows).
+        prompts: token ids (b, T), or b lists of ids of any lengths. eos_token_id: an id or a list;
+        each row ends at its own, not yielded, and then yields -1 (no token) until every row ended.
+        temperature, top_k, top_p: sampling per row (default: greedy). timings: a dict to fill with
+        prompt_tokens, prefill_s, steps, new_tokens (every row's), decode_tokens and decode_s (after
+        each row's first token), and kernels (what ran, for products of how many rows).
         """
         model = self.model
         token_ids, attn_mask = left_padded(prompts, model.tok_emb.weight.device)  # (b, T), (b, T) or None
@@ -1332,8 +1318,8 @@ def speed_report(output_token_ids, start_time, end_time, timings=None, model=Non
                              f"({per_step / 1e9:.2f} GB of weights read per step)")
     if timings and timings.get("kernels"):
         stats["kernels"] = timings["kernels"]
-        lines.append("kernels (measured fastest): " + "; ".join(f"{what} for {rows} row{'s' * (rows > 1)} (batch x "
-                                                                 f"tokens)" for rows, what in timings["kernels"].items()))
+        lines.append("kernels (measured fastest): " + "; ".join(
+            f"{what} for {rows} row{'s' * (rows > 1)} (batch x tokens)" for rows, what in timings["kernels"].items()))
     peak, what = peak_memory(output_token_ids.device)
     if peak is not None:
         stats["peak_memory_gb"] = peak / 2**30
@@ -1343,9 +1329,8 @@ def speed_report(output_token_ids, start_time, end_time, timings=None, model=Non
 
 
 def weight_bytes_per_token(model):
-    """Bytes of weights one decoding step reads from memory: every weight once, except the
-    embedding table, of which it reads one row (unless the table doubles as the output head),
-    and the RoPE tables, of which it reads one row each."""
+    """Bytes of weights one decoding step reads: every weight once, but one row of the RoPE tables
+    and of the embedding table (unless it doubles as the output head)."""
     skip = {model.cos.data_ptr(), model.sin.data_ptr()}
     if model.out_head.weight is not model.tok_emb.weight:
         skip.add(model.tok_emb.weight.data_ptr())
@@ -1413,10 +1398,9 @@ def quantize_int8(model):
 
 # =============================================================================================
 # 8. The command line: `python qwen3_minimal.py`
-# With no arguments: download the chapter's 0.6B base model and tokenizer, stream a greedy
-# completion of the chapter's prompt, and print the stats. `--help` lists the rest: chat with
-# the reasoning model, larger official models, local checkpoints, sampling, compile and int8.
-# Pasted into a Jupyter or Colab cell, the file runs the same demo with its defaults.
+# With no arguments: download the chapter's 0.6B base model, stream a greedy completion of the
+# chapter's prompt and print the stats; `--help` lists the rest (chat, larger official models,
+# several prompts, sampling, compile, int8). Pasted into a notebook cell, it runs the same demo.
 # =============================================================================================
 
 DEFAULT_PROMPT = "Explain large language models."
@@ -1579,7 +1563,6 @@ def main(argv=None):
 
 class DownloadError(RuntimeError):
     """A download failed; the message says what to do. `status`: the server's HTTP status, if any."""
-
     def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
