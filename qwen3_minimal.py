@@ -464,8 +464,8 @@ class TransformerBlock(nn.Module):
 # one matrix serves both. The book's configs and .pth files keep them as two matrices (equal
 # at the start), and later chapters train them apart; the config's "tie_word_embeddings" says which.
 # Prompts of different lengths run as one batch when each is padded on the left to the longest
-# and a mask says which positions are real (the book's qwen3_batched takes the same mask): the
-# model's forward makes the positions and the causal mask for every call, with padding or without.
+# and a mask says which positions are real (left_padded makes both; the book's batched model file
+# takes the same mask): the model's forward makes the positions and the causal mask of each call.
 # =============================================================================================
 
 
@@ -564,6 +564,20 @@ def padding_mask(attn_mask, batch_size, positions, check=True):
         raise ValueError("attn_mask has padding after a real token: pad each row on the left (padding "
                          "first, then the tokens), as a batch for generation needs")
     return real
+
+
+def left_padded(prompts, device):
+    """Prompts of any lengths (lists of ids) -> one batch (b, T), each padded on the left with 0s
+    to the longest, and its mask (b, T), True for real tokens (None where nothing is padded)."""
+    if isinstance(prompts, torch.Tensor):
+        return prompts, None
+    if not prompts or not all(isinstance(ids, (list, tuple)) and ids for ids in prompts):
+        raise ValueError("prompts must be a tensor (batch, tokens) or a list of non-empty lists of token ids, "
+                         "e.g. [tokenizer.encode(text) for text in texts]")
+    longest = max(len(ids) for ids in prompts)
+    token_ids = torch.tensor([[0] * (longest - len(ids)) + list(ids) for ids in prompts], device=device)
+    attn_mask = torch.tensor([[False] * (longest - len(ids)) + [True] * len(ids) for ids in prompts], device=device)
+    return token_ids, None if attn_mask.all() else attn_mask
 
 
 # The book's config dicts, one comment per key. "n_kv_groups" is the number of key/value heads.
@@ -1155,20 +1169,6 @@ def decode_one_token(model, token, cache, attn_mask=None):
     """One new token per row (b, 1) through the model, after the positions in the cache: its
     scores, (b, vocab_size). The step that torch.compile compiles."""
     return model(token, cache=cache, last_only=True, attn_mask=attn_mask)[:, -1]
-
-
-def left_padded(prompts, device):
-    """Prompts of any lengths (lists of ids) -> one batch (b, T), each padded on the left with 0s
-    to the longest, and its mask (b, T), True for real tokens (None where nothing is padded)."""
-    if isinstance(prompts, torch.Tensor):
-        return prompts, None
-    if not prompts or not all(isinstance(ids, (list, tuple)) and ids for ids in prompts):
-        raise ValueError("prompts must be a tensor (batch, tokens) or a list of non-empty lists of token ids, "
-                         "e.g. [tokenizer.encode(text) for text in texts]")
-    longest = max(len(ids) for ids in prompts)
-    token_ids = torch.tensor([[0] * (longest - len(ids)) + list(ids) for ids in prompts], device=device)
-    attn_mask = torch.tensor([[False] * (longest - len(ids)) + [True] * len(ids) for ids in prompts], device=device)
-    return token_ids, None if attn_mask.all() else attn_mask
 
 
 class CompiledDecodeStep:
