@@ -577,6 +577,9 @@ def test_kv_cache_with_max_len_allocates_once_and_writes_in_place():
     exact = q.KVCache(n_layers=1, max_len=512)                     # a multiple of 256 stays as it is
     exact.append(0, keys[:, :, :1], keys[:, :, :1])
     assert exact.buffers[0][0].shape[2] == 512
+    full = exact.buffers[0][0]
+    exact.append(0, keys[:, :, 1:512], keys[:, :, 1:512])          # filled to the last position
+    assert exact.buffers[0][0] is full and torch.equal(exact.get(0)[0], keys[:, :, :512])
 
 
 class BookStyleCache:
@@ -1769,6 +1772,15 @@ def test_fast_generator_answers_prompts_of_any_lengths_as_each_alone_in_one_batc
                        torch.tensor([alone[1], alone[1]]))  # a tensor of equal lengths is a batch as it is
 
 
+def test_fast_generator_generate_keeps_token_0_and_leaves_out_only_the_end_marks():
+    """-1 marks no token (after a row's end); 0 is a token like any other."""
+    generator = q.FastGenerator(peaked_model())
+    generator.stream = lambda prompts, max_new_tokens, eos_token_id=None, **options: iter(
+        [torch.tensor([[0], [5]]), torch.tensor([[7], [-1]])])    # the second row ends after one token
+    assert generator.generate([[1, 2], [3]], 2) == [[0, 7], [5]]
+    assert torch.equal(generator.generate(torch.tensor([[1, 2], [3, 4]]), 2), torch.tensor([[0, 7], [5, -1]]))
+
+
 def test_fast_generator_samples_each_row_apart():
     model = peaked_model()
     torch.manual_seed(0)
@@ -2559,6 +2571,25 @@ def test_several_prompts_are_answered_in_one_batch_each_under_its_prompt(tiny_ch
     shown = [f"\n[{i + 1}/4] {text}{tokenizer.decode(answer)}\n" for i, (text, answer) in enumerate(zip(texts, answers))]
     assert all(line in out for line in shown) and out.index(shown[0]) < out.index(shown[3])
     assert reports[0]["tokens"] == sum(map(len, answers)) >= 4  # the speed report counts every row's tokens
+
+
+def test_several_prompts_print_each_answer_with_token_0_and_without_the_end_marks(tiny_checkpoint, monkeypatch,
+                                                                                   capsys):
+    """Under each prompt its row's tokens up to the row's end: -1 (no token) is left out, token 0 is a token."""
+    class Batched(SpyGenerator):
+        def stream(self, token_ids, max_new_tokens, eos_token_id=None, **options):
+            return iter([torch.tensor([[0], [40]]), torch.tensor([[41], [-1]])])  # the second row ends first
+
+    monkeypatch.setattr(q, "FastGenerator", lambda model, **options: Batched(model))
+    reports, real_report = [], q.speed_report
+    monkeypatch.setattr(q, "speed_report", lambda *args: reports.append(real_report(*args)))
+    q.main(["--model", str(tiny_checkpoint), "--prompt", "Hi", "--prompt", "Tell me"])
+    out, tokenizer = capsys.readouterr().out, q.Qwen3Tokenizer(tiny_checkpoint / "tokenizer.json")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in ["Hi", "Tell me"]]
+    assert tokenizer.decode([0, 41]) != tokenizer.decode([41])
+    assert f"\n[1/2] {texts[0]}{tokenizer.decode([0, 41])}\n" in out
+    assert f"\n[2/2] {texts[1]}{tokenizer.decode([40])}\n" in out
+    assert reports[0]["tokens"] == 3
 
 
 def test_chat_runs_through_main_with_the_checkpoints_template(tiny_checkpoint, generation_spy, monkeypatch, capsys):
