@@ -1038,7 +1038,7 @@ class FastestKernels:
     `rows` rows (batch x tokens) by this model's weights, and restores the settings after.
 
     Which kernel is faster depends on the CPU (every rule naming a kind of CPU was wrong on the
-    next; the README's "Performance" has CPUs where each side wins), so both are timed on the
+    next; BENCHMARKS.md has CPUs where each side wins), so both are timed on the
     model's own weights: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls
     for many CPU operations) or PyTorch's native kernel; and for bfloat16 weights and several
     rows, float32_products() or not (float32: None measures it, True or False decides). On a GPU
@@ -1048,7 +1048,7 @@ class FastestKernels:
 
     clock = staticmethod(time.perf_counter)
 
-    def __init__(self, model, float32=None, rounds=3):
+    def __init__(self, model, float32=None, rounds=4):
         self.model, self.float32, self.rounds = model, float32, rounds
         self.chosen = {}  # (rounded rows, oneDNN allowed) -> (oneDNN on, float32 products)
         self.ran = {}     # rows -> what ran, in words, for speed_report
@@ -1072,8 +1072,9 @@ class FastestKernels:
         """(oneDNN on, float32 products) for `rows` rows, measured once per power of two (32 or more
         count as 32: bound by arithmetic, kernels rank as for more). Each candidate runs one block's
         products `rounds` times, each time another block's, so that weights come from memory, not a
-        cache; its best time counts, one twice as slow as the best is not timed again, and the
-        first, the user's setting (oneDNN off stays off), keeps a tie (5%)."""
+        cache; its best time counts (a first run can be slow: oneDNN prepares a kernel per shape),
+        after two rounds one twice as slow as the best runs no more, and the first candidate, the
+        user's setting (oneDNN off stays off), keeps a tie (5%)."""
         weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
@@ -1089,7 +1090,7 @@ class FastestKernels:
         try:
             for i in range(self.rounds * len(candidates)):
                 candidate = candidates[i % len(candidates)]
-                if i < len(candidates) or best[candidate] <= 2 * min(best.values()):
+                if i < 2 * len(candidates) or best[candidate] <= 2 * min(best.values()):
                     torch.backends.mkldnn.enabled = candidate[0]
                     with float32_products() if candidate[1] else contextlib.nullcontext():
                         start = self.clock()
