@@ -331,10 +331,10 @@ def main():
         rows.append({"name": name, "prefill": prefill, "decode": decode, "tokens": tokens.tolist(),
                      "roofline": bandwidth * 1e9 / per_token, "runs": [run[:2] for run in runs],
                      "warm_up_s": warm_up_s, "memory_added_gb": added, "kernels": kernels})
+        ran = ", ".join(f"{what} for {n} row{'s' * (n > 1)}" for n, what in kernels.items())
         print(f"  {name}: prefill {prefill:.1f}, decode {decode:.2f} tokens/s (median of "
               f"{', '.join(f'{run[0]:.1f} / {run[1]:.2f}' for run in runs)}); warm-up {warm_up_s:.1f} s"
-              f"{f', memory held +{added:.2f} GB' if added is not None else ''}"
-              f"{'; kernels: ' + ', '.join(f'{what} for {n} rows' for n, what in kernels.items()) if kernels else ''}",
+              f"{f', memory held +{added:.2f} GB' if added is not None else ''}{f'; kernels: {ran}' if ran else ''}",
               flush=True)
 
     def add_peer(name, row):
