@@ -1196,17 +1196,18 @@ class CompiledDecodeStep:
             step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
             self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
+            self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
         return self
 
     def __call__(self, model, token, cache, attn_mask=None):
         if self.compiled:
             try:
                 # current_pos an input of the step, not a constant compiled again at every position. CPU:
-                # "freezing" lays the weights out for oneDNN's kernel ahead of time (only where oneDNN
-                # runs the step), "cpp_wrapper" calls the kernels from C++; int8 weights go through
-                # torch._weight_int8pack_mm, the kernel inductor's weight-only int8 pass picks
+                # "freezing" lays nn.Linear weights out for oneDNN's kernel ahead of time (only where
+                # oneDNN runs the step), "cpp_wrapper" calls the kernels from C++; int8 weights go
+                # through torch._weight_int8pack_mm, the kernel inductor's weight-only int8 pass picks
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
-                        torch._inductor.config.patch(freezing=self.cpu and torch.backends.mkldnn.enabled,
+                        torch._inductor.config.patch(freezing=self.prepack and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
                     return self.compiled(model, token, cache, attn_mask)
             except torch._dynamo.exc.TorchDynamoException as exc:
