@@ -19,8 +19,8 @@ Read it top to bottom, in the chapter's order:
   6. generation             the chapter's loops, with and without a KV cache,
                             and generate_stats                                   (sections 2.6-2.9)
   7. speed and memory       beyond the chapter: FastGenerator (prefill, decode_one_token,
-                            torch.compile), float32 products, kernel choices, the speed
-                            report, int8 weights
+                            torch.compile), float32 products, kernels timed on the machine,
+                            the speed report, int8 weights
   8. the command line       `python qwen3_minimal.py --help`
   9. appendix               downloading robustly (retries, resuming, checksums)
 
@@ -998,8 +998,8 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # loop with what fast implementations do, each step named where the loop uses it:
 #   - the caller holds the state that speed keeps between calls, as gpt-fast's caller holds its
 #     caches: one KVCache, whose buffers a generation allocates at its first write for every
-#     position it will reach, the kernels measured fastest here (FastestKernels), and the decode
-#     step, compiled if asked (CompiledDecodeStep; gpt-fast: decode = torch.compile(decode_one_token));
+#     position it will reach, the kernels measured fastest (FastestKernels) and the decode step,
+#     compiled if asked (CompiledDecodeStep; gpt-fast: decode = torch.compile(decode_one_token));
 #   - prefill() runs the prompt and decode_one_token() each new token, with the output head
 #     computed for the last position only (for 0.6B the head is a quarter of all weights).
 # The model is used as it is: no weight, buffer or global setting is left changed (current_pos
@@ -1008,18 +1008,16 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # README's "Performance" section has the measurements behind each choice.
 #
 # Two kinds of step. The prefill multiplies weight matrices by many token vectors at once:
-# arithmetic is the limit. A decode step multiplies every weight matrix by a single vector,
-# reading each weight once for two operations: the speed of reading memory is the limit, and the
-# best a step can do is (bytes of weights) / (memory bandwidth), the "roofline".
+# arithmetic is the limit. A decode step multiplies each by one vector, reading each weight once
+# for two operations: reading memory is the limit, (bytes of weights) / (bandwidth) the "roofline".
 # =============================================================================================
 
 
 class float32_products(torch.overrides.TorchFunctionMode):
     """`with float32_products():` every matrix product of several bfloat16 rows on a CPU
-    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16. Where the CPU lacks
-    bfloat16 arithmetic, PyTorch emulates it, and products of many rows can run several times
-    slower than in float32. The weights stay bfloat16 in memory: each is converted for its
-    product, 4096 output rows at a time so that the float32 copy stays small. The mode sees
+    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16: where the CPU emulates
+    bfloat16 arithmetic, several times faster. The weights stay bfloat16 in memory: each is converted
+    for its product, 4096 output rows at a time so that the float32 copy stays small. The mode sees
     every torch call made inside the block, and leaves all but those products alone."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -1038,12 +1036,11 @@ class FastestKernels:
     `rows` rows (batch x tokens) by this model's weights, and restores the settings after.
 
     Which kernel is faster depends on the CPU (every rule naming a kind of CPU was wrong on the
-    next; BENCHMARKS.md has CPUs where each side wins), so both are timed on the
-    model's own weights: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls
-    for many CPU operations) or PyTorch's native kernel; and for bfloat16 weights and several
-    rows, float32_products() or not (float32: None measures it, True or False decides). On a GPU
-    nothing is measured, and cuDNN's attention kernel is left out: it makes a plan for every new
-    sequence length, which takes longer than attending, and generation meets one at every step.
+    next; BENCHMARKS.md has CPUs where each side wins), so both are timed: oneDNN (Intel's "one
+    Deep Neural Network library", which PyTorch calls for many CPU operations) or PyTorch's native
+    kernel; for bfloat16 weights and several rows, float32_products() or not (float32: None
+    measures it, True or False decides). On a GPU nothing is measured, and cuDNN's attention is
+    left out: it plans anew for each sequence length, slower than attending, and each step is one.
     """
 
     clock = staticmethod(time.perf_counter)
@@ -1127,14 +1124,12 @@ class CompiledDecodeStep:
     compiling fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token
     itself, after one warning naming what failed.
 
-    On a CPU with `cpp_wrapper` (kernels called from C++, not Python) and, where FastestKernels has
-    oneDNN on while it compiles, `freezing` (the weights become constants of the compiled code,
-    prepacked in oneDNN's layout), both set around each call, never left set. int8 weights reach it
-    as torch._weight_int8pack_mm, the kernel its weight-only int8 pass would pick. mode=
-    "max-autotune": inductor also times its own code for matrix products against the libraries'.
+    On a CPU with `cpp_wrapper` (kernels called from C++) and, where FastestKernels has oneDNN on
+    while it compiles and there are nn.Linear weights, `freezing` (weights become constants,
+    prepacked in oneDNN's layout), both set around each call, never left set; int8 weights reach it
+    as torch._weight_int8pack_mm, what its weight-only int8 pass would pick. mode="max-autotune": inductor also times its own product code.
     Frozen weights are copies: each generation compares the model's weights (each tensor's storage,
-    dtype, shape and version counter, which in-place changes such as an optimizer step advance)
-    with those compiled in; where they changed, it compiles again.
+    dtype, shape and version counter, which in-place changes advance) with those compiled in.
     """
 
     def __init__(self, mode=None):
@@ -1153,6 +1148,7 @@ class CompiledDecodeStep:
             step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
             self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
+            self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
         return self
 
     def __call__(self, model, token, cache):
@@ -1161,13 +1157,12 @@ class CompiledDecodeStep:
                 # model.current_pos as an input of the compiled step, not a constant of it: otherwise
                 # torch.compile would specialise on each position and compile again at every step
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
-                        torch._inductor.config.patch(freezing=self.cpu and torch.backends.mkldnn.enabled,
+                        torch._inductor.config.patch(freezing=self.prepack and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
                     return self.compiled(model, token, cache)
             except torch._dynamo.exc.TorchDynamoException as exc:
-                # Raised while tracing or compiling, so nothing ran (fullgraph=True: one graph, compiled
-                # first): the compiler's failure, or the step's own error met while tracing (a wrong
-                # shape), which running it eagerly raises as it is. Errors while running pass through.
+                # Raised while tracing or compiling (fullgraph=True: before anything ran): the compiler's
+                # failure, or the step's own error (a wrong shape), which running it eagerly raises.
                 own_error = isinstance(exc, torch._dynamo.exc.TorchRuntimeError) or \
                     isinstance(exc.__cause__ or exc.__context__, torch._dynamo.exc.ObservedException)
                 if not own_error:
