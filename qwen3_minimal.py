@@ -1067,10 +1067,9 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 
 class float32_products(torch.overrides.TorchFunctionMode):
     """`with float32_products():` every matrix product of several bfloat16 rows on a CPU
-    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16. Where the CPU lacks
-    bfloat16 arithmetic, PyTorch emulates it, and products of many rows can run several times
-    slower than in float32. The weights stay bfloat16 in memory: each is converted for its
-    product, 4096 output rows at a time so that the float32 copy stays small. The mode sees
+    (F.linear, what nn.Linear calls) runs in float32 and returns bfloat16: where the CPU emulates
+    bfloat16 arithmetic, several times faster. The weights stay bfloat16 in memory: each is converted
+    for its product, 4096 output rows at a time so that the float32 copy stays small. The mode sees
     every torch call made inside the block, and leaves all but those products alone."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
