@@ -1119,10 +1119,10 @@ class FastestKernels:
     @torch.inference_mode()
     def choose(self, rows):
         """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more
-        count as 32: bound by arithmetic). Each candidate runs one block's products, `rounds` times,
-        each time another block's so that weights come from memory, not a cache; its best time
-        counts (a first run prepares oneDNN's kernels); after two rounds one twice as slow as the
-        best runs no more, and the first, the user's setting (oneDNN off stays off), keeps a tie."""
+        count as 32: bound by arithmetic). Each candidate runs one block's products once untimed (a
+        first run prepares oneDNN's kernels), then `rounds` times, each time another block's so that
+        weights come from memory, not a cache; its best time counts; after two timed rounds one
+        twice as slow as the best runs no more; the first, the user's setting, keeps a tie."""
         weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
@@ -1136,15 +1136,17 @@ class FastestKernels:
         inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=weight.dtype) for m in blocks[0]}
         best = dict.fromkeys(candidates, math.inf)
         try:
-            for i in range(self.rounds * len(candidates)):
+            for i in range((self.rounds + 1) * len(candidates)):  # round 0 untimed
                 candidate = candidates[i % len(candidates)]
-                if i < 2 * len(candidates) or best[candidate] <= 2 * min(best.values()):
+                if i < 3 * len(candidates) or best[candidate] <= 2 * min(best.values()):
                     torch.backends.mkldnn.enabled = candidate[0]
                     with float32_products() if candidate[1] else contextlib.nullcontext():
                         start = self.clock()
                         for linear in blocks[i % len(blocks)]:  # nn.Linear, or Int8Linear (below)
                             linear(inputs[linear.in_features])
-                        best[candidate] = min(best[candidate], self.clock() - start)
+                        seconds = self.clock() - start
+                        if i >= len(candidates):
+                            best[candidate] = min(best[candidate], seconds)
         finally:
             torch.backends.mkldnn.enabled = onednn
         fastest = min(candidates, key=best.get)

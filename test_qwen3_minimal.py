@@ -2060,15 +2060,15 @@ def test_kernels_are_chosen_by_timing_each_on_the_models_own_weights_once_per_nu
                                              torch.backends.mkldnn.enabled, bool(torch.overrides._get_current_function_mode_stack()))))
     assert kernels.choose(1) == one_row and kernels.choose(14) == many_rows
     assert kernels.choose(1) == one_row and kernels.choose(16) == many_rows  # measured once: 14 rows count as 16
-    # each run is the 7 products of one block, each time the next block: four rounds, a candidate
-    # twice as slow as the best after two dropped
+    # each run is the 7 products of one block, each time the next block: an untimed round, then
+    # four, a candidate twice as slow as the best after two timed ones dropped
     runs = [timed[i] for i in range(0, len(timed), 7)]
     assert all(timed[i:i + 7] == [runs[i // 7]] * 7 for i in range(0, len(timed), 7))
     expected = []
     for rows, candidates in [(1, [(True, False), (False, False)]), (16, [(True, False), (False, False), (True, True)])]:
-        for i in range(4 * len(candidates)):
+        for i in range(5 * len(candidates)):  # a first round untimed, then four
             candidate = candidates[i % len(candidates)]
-            if i < 2 * len(candidates) or seconds[candidate] <= 2 * min(seconds[c] for c in candidates):
+            if i < 3 * len(candidates) or seconds[candidate] <= 2 * min(seconds[c] for c in candidates):
                 expected.append((i % 4, rows, *candidate))
     assert runs == expected
     assert torch.backends.mkldnn.enabled  # the user's setting, as it was
