@@ -1118,11 +1118,10 @@ class FastestKernels:
 
     @torch.inference_mode()
     def choose(self, rows):
-        """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more
-        count as 32: bound by arithmetic). Each candidate runs one block's products once untimed (a
-        first run prepares oneDNN's kernels), then `rounds` times, each time another block's so that
-        weights come from memory, not a cache; its best time counts; after two timed rounds one
-        twice as slow as the best runs no more; the first, the user's setting, keeps a tie."""
+        """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more count
+        as 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
+        then `rounds` times, each time another block's (weights from memory, not a cache); its best
+        time counts; after two timed rounds one twice as slow runs no more; the first keeps a tie."""
         weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
@@ -1191,9 +1190,8 @@ class CompiledDecodeStep:
             if self.weights is not None:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # Frozen weights are copies: where a tensor's storage, dtype, shape or version counter (which
-            # an optimizer step or load_state_dict advances) changed, compile a fresh copy of
-            # decode_one_token's code (torch.compile keeps what it compiled with the code)
+            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (which training
+            # advances) changed, compile a fresh copy of the code (torch.compile keeps its work with it)
             step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
             self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
@@ -1203,10 +1201,9 @@ class CompiledDecodeStep:
     def __call__(self, model, token, cache, attn_mask=None):
         if self.compiled:
             try:
-                # current_pos an input of the step, not a constant compiled again at every position. CPU:
-                # "freezing" lays nn.Linear weights out for oneDNN's kernel ahead of time (only where
-                # oneDNN runs the step), "cpp_wrapper" calls the kernels from C++; int8 weights go
-                # through torch._weight_int8pack_mm, the kernel inductor's weight-only int8 pass picks
+                # current_pos an input of the step, not a constant compiled again per position. CPU: "freezing"
+                # lays nn.Linear weights out for oneDNN ahead of time (where oneDNN runs the step), "cpp_wrapper"
+                # calls kernels from C++; int8 goes through _weight_int8pack_mm, as inductor's int8 pass would
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
                         torch._inductor.config.patch(freezing=self.prepack and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
@@ -1352,10 +1349,9 @@ def peak_memory(device):
     return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of this process"
 
 
-# Smaller weights: int8 (not in the book). Storing each Linear weight as int8 with one scale per
-# output row (w ~= w_int8 * scale, scale = max|row| / 127) halves the memory of the linear layers
-# and the bytes a decode step reads, at a small cost in accuracy; whether decoding gets faster
-# depends on whether the CPU's int8 kernel keeps pace with memory.
+# Smaller weights: int8 (not in the book). Each Linear weight as int8 with one scale per output row
+# (w ~= w_int8 * scale, scale = max|row| / 127) halves the linear layers' memory and the bytes a
+# decode step reads; decoding gets faster where the CPU's int8 kernel keeps pace with memory.
 
 class Int8Linear(nn.Module):
     """A bias-free Linear layer with int8 weights and per-output-row scales."""
@@ -1556,10 +1552,9 @@ def main(argv=None):
 # =============================================================================================
 # 9. Appendix: downloading robustly
 # Skip this on a first read: section 5 only needs "download_file(url, folder) returns the file".
-# The bytes go to "<name>.incomplete", which gets the final name once its size (and sha256, where
-# the server gives one) checks out; a later run resumes it with an HTTP Range request ("bytes N
-# onwards"); dropped connections and server errors are retried with a growing pause; every
-# failure says what to do. Official checkpoints in the Hugging Face cache are used where they lie.
+# The bytes go to "<name>.incomplete", renamed once its size (and sha256, where the server gives
+# one) checks out; a later run resumes it with an HTTP Range request; dropped connections and
+# server errors are retried with a growing pause; every failure says what to do.
 # =============================================================================================
 
 
