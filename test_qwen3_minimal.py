@@ -441,15 +441,17 @@ def test_a_training_step_moves_every_parameter_as_the_books_model_does(dtype):
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         optimizer.step()
         moves.append({name: (param.detach() - before[name]).float() for name, param in model.named_parameters()})
+    # in bfloat16 the two forward passes round apart, which can flip the sign of a gradient near 0,
+    # or round it to 0 in one of them
+    differ = 0 if dtype == torch.float32 else 0.1  # the share of entries that may move differently
     for name, ours_move in moves[0].items():
         book_move = moves[1][name]
-        assert torch.equal(ours_move != 0, book_move != 0), name  # the same entries move
+        assert ((ours_move != 0) != (book_move != 0)).float().mean() <= differ, name  # the same entries move
         if name.endswith("scale"):  # float32 in both: AdamW's first step moves each entry by about lr
-            assert bool((ours_move.abs() - 1e-5).abs().max() < 1e-6), name
-            # the same way; in bfloat16 the two forward passes round apart, which can flip the sign
-            # of a gradient near 0
-            same_way = (ours_move.sign() == book_move.sign()).float().mean()
-            assert same_way == 1 if dtype == torch.float32 else same_way > 0.9, name
+            moved = ours_move[ours_move != 0]
+            assert len(moved) >= (1 - differ) * len(ours_move), name
+            assert bool(((moved.abs() - 1e-5).abs() < 1e-6).all()), name
+            assert (ours_move.sign() != book_move.sign()).float().mean() <= differ, name  # the same way
 
 
 @needs_transformers
