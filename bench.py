@@ -24,7 +24,7 @@ the peak RSS printed last.
     OMP_NUM_THREADS=2 python bench.py --llama-bench llama.txt --json result.json
     python bench.py --smoke                                 # a tiny shape, seconds: checks the script
     python bench.py --device cuda --compile                 # on a GPU: eager and compiled rows
-    OMP_NUM_THREADS=2 python bench.py --batch 1 4 16        # ours on 1, 4 and 16 prompts at once
+    OMP_NUM_THREADS=2 python bench.py --batch 1 4 16        # ours on 1, 4 and 16 prompts at once (--compile: compiled)
     OMP_NUM_THREADS=2 python bench.py --compile --only "ours bfloat16 compiled"   # one row: its peak memory
 
 llama.txt is what llama-bench prints (its markdown table, or its -o json output) for
@@ -129,10 +129,9 @@ def batch_prompts(batch, vocab_size):
     return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
 
 
-def batch_row(model, prompts):
+def batch_row(generator, prompts):
     """Ours on several prompts at once: every row's new tokens per second, the time to the first
     token of all rows, and the process's peak memory after the row."""
-    generator = q.FastGenerator(model)
 
     def measure():
         timings = {}
@@ -296,10 +295,11 @@ def main():
     print(f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
 
     if args.batch:
-        print(f"\n{'prompts':>8} {'decode tokens/s':>16} {'x one':>6} {'first token s':>14} {'peak RSS GB':>12}")
-        results = []
+        print(f"\n{'prompts':>8} {'decode tokens/s':>16} {'x one':>6} {'first token s':>14} {'peak RSS GB':>12}"
+              + "  (compiled)" * args.compile)
+        results, generator = [], q.FastGenerator(model, compile=args.compile)  # one compiled step serves all
         for batch in sorted(args.batch):  # growing batches: the process's peak memory is the last row's
-            measure = batch_row(model, batch_prompts(batch, cfg["vocab_size"]))
+            measure = batch_row(generator, batch_prompts(batch, cfg["vocab_size"]))
             measure()
             runs = [measure() for _ in range(args.repeats)]
             decode, first = statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
@@ -308,7 +308,8 @@ def main():
             print(f"{batch:>8} {decode:>16.2f} {decode / results[0]['decode']:>6.1f} {first:>14.2f} "
                   f"{results[-1]['peak_memory_gb']:>12.2f}", flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"capability": capability, "batches": results}, indent=1))
+            Path(args.json).write_text(json.dumps({"capability": capability, "compiled": args.compile,
+                                                   "batches": results}, indent=1))
         return
 
     rows = []

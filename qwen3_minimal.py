@@ -934,8 +934,8 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
         raise ValueError(f"top_k must be at least 1 (or None for no limit), not {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), not {top_p}")
-    if not temperature:
-        return logits.argmax(dim=-1, keepdim=True)
+    if not temperature:  # in float32 (exact): PyTorch's argmax over bfloat16 is several times slower
+        return logits.float().argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -1102,35 +1102,45 @@ class FastestKernels:
         self.ran = {}     # rows -> what ran, in words, for speed_report
 
     @contextlib.contextmanager
-    def __call__(self, rows):
+    def __call__(self, rows, prepacked=False):
         onednn, cudnn_attention = torch.backends.mkldnn.enabled, torch.backends.cuda.cudnn_sdp_enabled()
         try:
             torch.backends.cuda.enable_cudnn_sdp(False)
-            use_onednn, float32 = self.choose(rows)
+            use_onednn, float32 = self.choose(rows, prepacked)
             torch.backends.mkldnn.enabled = use_onednn
             if self.model.tok_emb.weight.device.type == "cpu":
-                self.ran[rows] = ("oneDNN" if use_onednn else "PyTorch's native") + (" in float32" * float32)
+                self.ran[rows] = ("oneDNN" + " on prepacked weights" * self.prepacks(prepacked) if use_onednn
+                                  else "PyTorch's native") + (" in float32" * float32)
             with float32_products() if float32 else contextlib.nullcontext():
                 yield
         finally:
             torch.backends.mkldnn.enabled = onednn
             torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
+    def prepacks(self, prepacked):
+        """Whether oneDNN's candidate runs on prepacked weights: in a step compiled with frozen
+        bfloat16 weights (CompiledDecodeStep), where oneDNN has bfloat16 kernels."""
+        return prepacked and self.model.tok_emb.weight.dtype == torch.bfloat16 and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
     @torch.inference_mode()
-    def choose(self, rows):
+    def choose(self, rows, prepacked=False):
         """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more count
         as 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
         then `rounds` times, each time another block's (weights from memory, not a cache); its best
-        time counts; after two timed rounds one twice as slow runs no more; the first keeps a tie."""
-        weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
+        time counts; after two timed rounds one twice as slow runs no more; the first keeps a tie.
+        prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead of time,
+        which can make oneDNN the faster kernel where it is the slower one on weights as they are."""
+        weight, onednn, prepacked = self.model.tok_emb.weight, torch.backends.mkldnn.enabled, self.prepacks(prepacked)
         if weight.device.type != "cpu":
             return onednn, False
         candidates = [(onednn, False), (False, False)] if onednn else [(False, False)]
         if rows > 1 and weight.dtype == torch.bfloat16 and self.float32 is not False:
             candidates = ([] if self.float32 else candidates) + [(onednn, True)]  # float32: one kernel either way
         rows = min(1 << (rows - 1).bit_length(), 32)
-        if len(candidates) == 1 or (rows, onednn) in self.chosen:
-            return self.chosen.get((rows, onednn), candidates[0])
+        key = rows, onednn, prepacked
+        if len(candidates) == 1 or key in self.chosen:
+            return self.chosen.get(key, candidates[0])
         blocks = [[m for m in block.modules() if hasattr(m, "in_features")] for block in self.model.trf_blocks]
         inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=weight.dtype) for m in blocks[0]}
         best = dict.fromkeys(candidates, math.inf)
@@ -1139,18 +1149,29 @@ class FastestKernels:
                 candidate = candidates[i % len(candidates)]
                 if i < 3 * len(candidates) or best[candidate] <= 2 * min(best.values()):
                     torch.backends.mkldnn.enabled = candidate[0]
+                    block = blocks[i % len(blocks)]  # nn.Linear, or Int8Linear (below)
+                    products = [prepacked_product(linear, rows) if prepacked and candidate[0] and
+                                isinstance(linear, nn.Linear) else linear for linear in block]  # untimed
                     with float32_products() if candidate[1] else contextlib.nullcontext():
                         start = self.clock()
-                        for linear in blocks[i % len(blocks)]:  # nn.Linear, or Int8Linear (below)
-                            linear(inputs[linear.in_features])
+                        for linear, product in zip(block, products):
+                            product(inputs[linear.in_features])
                         seconds = self.clock() - start
                         if i >= len(candidates):
                             best[candidate] = min(best[candidate], seconds)
         finally:
             torch.backends.mkldnn.enabled = onednn
         fastest = min(candidates, key=best.get)
-        self.chosen[rows, onednn] = fastest if best[fastest] < 0.95 * best[candidates[0]] else candidates[0]
-        return self.chosen[rows, onednn]
+        self.chosen[key] = fastest if best[fastest] < 0.95 * best[candidates[0]] else candidates[0]
+        return self.chosen[key]
+
+
+def prepacked_product(linear, rows):
+    """linear's product as a step compiled with frozen weights runs it where oneDNN is on: by a copy
+    of the weight laid out ahead of time for products of `rows` rows (inductor's freezing makes the
+    same copy, and calls the same kernel)."""
+    weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _synchronize(device):
@@ -1176,24 +1197,31 @@ class CompiledDecodeStep:
     compiling fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token
     itself, after one warning naming what failed. mode="max-autotune": inductor also times its own
     code for matrix products against the libraries'. On a CPU the weights are frozen into the
-    compiled code, so each generation checks that they are still the model's (see below).
+    compiled code, so each generation checks that they are still the model's (see below). Each
+    number of rows (prompts) compiles code of its own: in torch 2.13 code compiled for one row,
+    then made to serve a padded batch, failed.
     """
 
     def __init__(self, mode=None):
-        self.mode, self.compiled, self.weights = mode, None, None  # compiled: False once compiling failed
+        self.mode, self.compiled, self.weights, self.rows = mode, None, None, None  # compiled: False once it failed
+        self.prepack = False
 
-    def for_weights_of(self, model):
-        """This step, compiled (again, with a warning) if the model's weights are not those compiled in."""
+    def for_weights_of(self, model, rows):
+        """This step, compiled (again) for `rows` rows (prompts), or where the model's weights are not
+        those compiled in (with a warning)."""
         weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
                    for t in [*model.parameters(), *model.buffers()]]
-        if self.compiled is not False and weights != self.weights:
-            if self.weights is not None:
+        if self.compiled is not False and (weights, rows) != (self.weights, self.rows):
+            if self.weights not in (None, weights):
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
             # Frozen weights are copies: where a tensor's storage, dtype, shape or version (which training
-            # advances) changed, compile a fresh copy of the code (torch.compile keeps its work with it)
-            step = types.FunctionType(decode_one_token.__code__.replace(), globals(), "decode_one_token")
-            self.compiled, self.weights = torch.compile(step, fullgraph=True, mode=self.mode), weights
+            # advances) changed, compile a fresh copy of the code (torch.compile keeps its work with it),
+            # named by its rows (torch.compile remembers by name which sizes varied, and would make the
+            # number of rows a variable)
+            code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")
+            step = types.FunctionType(code, globals(), "decode_one_token")
+            self.compiled, self.weights, self.rows = torch.compile(step, fullgraph=True, mode=self.mode), weights, rows
             self.cpu = model.tok_emb.weight.device.type == "cpu"
             self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
         return self
@@ -1217,7 +1245,7 @@ class CompiledDecodeStep:
                     cause = getattr(exc, "inner_exception", exc)  # what the compiler itself raised
                     warnings.warn(f"torch.compile failed, running without it ({type(cause).__name__}: "
                                   f"{(str(cause).strip().splitlines() or [''])[0][:160]})", stacklevel=2)
-                    self.compiled = False
+                    self.compiled = self.prepack = False
         return decode_one_token(model, token, cache, attn_mask)
 
 
@@ -1251,7 +1279,7 @@ class FastGenerator:
         model = self.model
         token_ids, attn_mask = left_padded(prompts, model.tok_emb.weight.device)  # (b, T), (b, T) or None
         check_generation_args(model, token_ids, max_new_tokens)
-        decode = self.compiled.for_weights_of(model) if self.compiled else decode_one_token
+        decode = self.compiled.for_weights_of(model, len(token_ids)) if self.compiled else decode_one_token
         eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=token_ids.device)
         ended = torch.zeros_like(token_ids[:, :1], dtype=torch.bool)  # (b, 1)
         self.cache.max_len = token_ids.shape[1] + max_new_tokens     # allocated once, for every position
@@ -1280,7 +1308,8 @@ class FastGenerator:
                 break  # no forward pass for a token nobody asks for
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (0, 1), value=True)  # (b, S + 1): the new token is real
-            with self.kernels(next_token.numel()):  # rows: one token each
+            frozen = decode is not decode_one_token and decode.prepack  # oneDNN would run prepacked weights
+            with self.kernels(next_token.numel(), frozen):  # rows: one token each
                 logits = decode(model, next_token, self.cache, attn_mask)
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):

@@ -1813,6 +1813,23 @@ def test_a_compiled_generator_serves_a_padded_batch_without_recompiling_per_toke
     assert compile_count() - before <= 3
 
 
+@compiles
+@pytest.mark.parametrize("faster", ["oneDNN", "native"])
+def test_a_compiled_generator_serves_batches_of_any_size_in_turn(faster):
+    """One prompt, then two of different lengths (padded), then one: each number of rows compiles
+    its own step (in torch 2.13 a step compiled for one row failed on a padded batch)."""
+    model = peaked_model(dtype=torch.bfloat16)
+    generator, eager = q.FastGenerator(model, compile=True), q.FastGenerator(model)
+    generator.kernels.clock = eager.kernels.clock = fake_clock(KERNELS_FASTEST[faster][0])
+    one, other = prompt_ids()[0].tolist(), prompt_ids(length=4, seed=6)[0].tolist()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "torch.compile failed|the model's weights changed")  # no fallback, no warning
+        for prompts in ([one], [one, other], [one]):
+            tokens = torch.tensor(eager.generate(prompts, 6))
+            expected = teacher_forced_logits(lambda: eager.generate(prompts, 6), tokens)
+            assert_bfloat16_steps_agree(teacher_forced_logits(lambda: generator.generate(prompts, 6), tokens), expected)
+
+
 def test_fast_generator_feeds_one_token_per_step_into_one_cache_allocated_once():
     model = with_context(peaked_model(), 512)
     generator = q.FastGenerator(model)
@@ -1912,15 +1929,22 @@ def test_a_compiled_generator_follows_the_weights_through_training_loading_and_i
 
 
 @compiles
-@pytest.mark.parametrize("faster", ["oneDNN", "native"])
-def test_the_compiled_step_freezes_the_weights_where_onednn_runs_it(faster):
+@pytest.mark.parametrize("faster", ["oneDNN", "native", "oneDNN on prepacked weights"])
+def test_the_compiled_step_freezes_the_weights_where_onednn_runs_it(faster, monkeypatch):
     from torch._inductor.utils import run_and_get_code
 
-    model = peaked_model()
+    model = peaked_model(dtype=torch.float32 if faster in KERNELS_FASTEST else torch.bfloat16)
     generator = q.FastGenerator(model, compile=True)
-    generator.kernels.clock = fake_clock(KERNELS_FASTEST[faster][0])
-    tokens, code = run_and_get_code(lambda: generator.generate(prompt_ids(), 4))
-    assert code and all(("_frozen_param" in graph) == (faster == "oneDNN") for graph in code)
+    if faster in KERNELS_FASTEST:
+        generator.kernels.clock = fake_clock(KERNELS_FASTEST[faster][0])
+    else:  # where freezing lays the weights out for oneDNN: native for the prompt, oneDNN for the steps
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+        generator.kernels.clock = fake_prepacking(monkeypatch)[0]
+    timings = {}
+    tokens, code = run_and_get_code(lambda: generator.generate(prompt_ids(), 4, timings=timings))
+    assert code and all(("_frozen_param" in graph) == (faster != "native") for graph in code)
+    if faster not in KERNELS_FASTEST:
+        assert timings["kernels"] == {7: "PyTorch's native", 1: "oneDNN on prepacked weights"}
     assert torch.equal(tokens, q.FastGenerator(model).generate(prompt_ids(), 4))
     assert torch._inductor.config.freezing is False and torch._inductor.config.cpp_wrapper is False  # as they were
 
@@ -1956,7 +1980,7 @@ def test_a_missing_c_compiler_falls_back_to_eager_with_one_warning_naming_it():
 @compiles
 def test_the_compiled_steps_own_errors_are_raised_as_they_are_and_compiling_stays_on(monkeypatch):
     model = peaked_model()
-    step, cache = q.CompiledDecodeStep().for_weights_of(model), q.KVCache(n_layers=2)
+    step, cache = q.CompiledDecodeStep().for_weights_of(model, rows=1), q.KVCache(n_layers=2)
     with torch.inference_mode():
         q.prefill(model, prompt_ids(), cache)
         # met while tracing, before anything ran: the model's own error, as eager code raises it
@@ -2080,6 +2104,57 @@ def test_kernels_are_chosen_by_timing_each_on_the_models_own_weights_once_per_nu
         assert q.FastestKernels(model).choose(1) == (False, False) and not timed
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+def fake_prepacking(monkeypatch):
+    """(clock, made): a clock for FastestKernels on which each run takes 0.5 s on prepacked copies,
+    else 2 s with oneDNN and 1 s without, as on an AMD Zen 5; made lists the copies' (shape, rows)."""
+    made, prepacked, now, readings = [], [False], [0.0], [0]
+
+    def spy(linear, rows):  # made before a run starts: that run is on prepacked copies
+        made.append((linear.weight.shape, rows))
+        prepacked[0] = True
+        return lambda x: linear(x)
+
+    def clock():
+        value = now[0]
+        if readings[0] % 2 == 0:
+            now[0] += 0.5 if prepacked[0] else 2.0 if torch.backends.mkldnn.enabled else 1.0
+        else:
+            prepacked[0] = False
+        readings[0] += 1
+        return value
+
+    monkeypatch.setattr(q, "prepacked_product", spy)
+    return clock, made
+
+
+@pytest.mark.parametrize("bfloat16_kernels", [True, False], ids=["oneDNN has bfloat16 kernels", "it has none"])
+def test_a_frozen_step_times_onednn_on_weights_prepacked_as_freezing_leaves_them(bfloat16_kernels, monkeypatch):
+    """oneDNN slower than the native kernel on weights as they are, faster on copies laid out for it
+    ahead of time: an eager step runs the native kernel, a step compiled with frozen weights oneDNN;
+    where oneDNN has no bfloat16 kernels freezing prepacks nothing."""
+    model = peaked_model(dtype=torch.bfloat16, n_layers=4)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bfloat16_kernels)
+    clock, made = fake_prepacking(monkeypatch)
+    kernels = q.FastestKernels(model)
+    kernels.clock = clock
+    assert kernels.choose(1) == (False, False) and not made
+    assert kernels.choose(1, prepacked=True) == ((True, False) if bfloat16_kernels else (False, False))
+    runs = [model.trf_blocks[i] for i in (0, 2, 0, 2, 0)]  # oneDNN's: one untimed, four timed, every other block
+    assert made == ([(w.shape, 1) for block in runs for w in [*block.att.parameters(), *block.ff.parameters()]
+                     if w.dim() == 2] if bfloat16_kernels else [])
+    with kernels(1, prepacked=True):
+        assert torch.backends.mkldnn.enabled == bfloat16_kernels
+    assert kernels.ran == {1: "oneDNN on prepacked weights" if bfloat16_kernels else "PyTorch's native"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + [torch.bfloat16] * torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def test_a_prepacked_product_equals_the_linear_layer(dtype):
+    linear = torch.nn.Linear(64, 96, bias=False, dtype=dtype)
+    x = torch.randn(3, 64, dtype=dtype)
+    for rows in (1, 3, 16):  # the layout is made for a number of rows, and serves any
+        torch.testing.assert_close(q.prepacked_product(linear, rows)(x), linear(x))
 
 
 @pytest.mark.parametrize("faster", ["oneDNN", "native", "float32"])
