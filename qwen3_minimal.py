@@ -161,11 +161,9 @@ class Qwen3Tokenizer:
         return self._tok.decode(token_ids, skip_special_tokens=False)
 
     def stream_decoder(self):
-        """Return a function: next token id -> the text it completes ("" while incomplete).
-
-        One Chinese character or emoji can span several byte-level tokens, so decoding each
-        token alone would print broken characters; a DecodeStream holds bytes back until they
-        form whole characters."""
+        """Return a function: next token id -> the text it completes ("" while incomplete). One Chinese
+        character or emoji can span several byte-level tokens: a DecodeStream holds bytes back until
+        they form whole characters, where decoding each token alone would print broken ones."""
         from tokenizers.decoders import DecodeStream
 
         stream = DecodeStream(skip_special_tokens=False)
@@ -717,13 +715,9 @@ def download_qwen3(repo_id="Qwen/Qwen3-0.6B-Base", out_dir=None, revision="main"
     return out_dir
 
 
-# Official (transformers) name -> the book's name. No transposes: both store Linear weights as
-# (out_features, in_features).
-HF_TO_BOOK_NAMES = {
-    "model.embed_tokens.weight": "tok_emb.weight",
-    "model.norm.weight": "final_norm.scale",
-    "lm_head.weight": "out_head.weight",
-}
+# Official (transformers) name -> the book's name; no transposes: both store Linear weights (out, in).
+HF_TO_BOOK_NAMES = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.scale",
+                    "lm_head.weight": "out_head.weight"}
 HF_TO_BOOK_LAYER_NAMES = {
     "self_attn.q_proj.weight": "att.W_query.weight",
     "self_attn.k_proj.weight": "att.W_key.weight",
@@ -1052,16 +1046,14 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 
 # =============================================================================================
 # 7. Speed and memory, beyond the chapter
-# The chapter's loops are right but leave speed on the table. Two kinds of step: the prefill
-# multiplies each weight matrix by many token vectors at once, so arithmetic is its limit; a
-# decode step multiplies it by one vector per row, reading each weight once for two operations,
-# so the speed of reading memory is its limit: at best (bytes of weights) / (memory bandwidth),
-# the "roofline". FastGenerator runs the chapter's cached loop with what fast implementations do,
-# as gpt-fast does it: the caller holds what speed keeps between calls (a KVCache allocated once
-# per generation, the kernels measured fastest here, the compiled decode step); prefill() and
-# decode_one_token() compute the output head for the last position only; several prompts run as
-# one batch. No weight, buffer or global setting of the model is left changed. Then come the
-# speed report and int8 weights (quantize_int8, a module swap that print(model) shows).
+# The chapter's loops are right but leave speed on the table. The prefill multiplies each weight
+# matrix by many token vectors at once: arithmetic is its limit. A decode step multiplies it by one
+# vector per row, two operations per weight read: at best (bytes of weights) / (memory bandwidth),
+# the "roofline". FastGenerator runs the chapter's cached loop as gpt-fast does: the caller holds
+# what speed keeps between calls (a KVCache allocated once per generation, the kernels measured
+# fastest here, the compiled decode step); the head scores the last position only; several prompts
+# run as one batch; the model and global settings are left as they were. Then come the speed
+# report and int8 weights (quantize_int8, a module swap that print(model) shows).
 # =============================================================================================
 
 
@@ -1084,15 +1076,13 @@ class float32_products(torch.overrides.TorchFunctionMode):
 
 
 class FastestKernels:
-    """`kernels = FastestKernels(model)`, then `with kernels(rows):` runs its block with the
-    kernels measured fastest for products of `rows` rows (batch x tokens) by this model's weights,
-    and restores the settings after. Which is faster depends on the CPU, so both are timed on a
-    CPU: oneDNN (Intel's "one Deep Neural Network library", which PyTorch calls for many CPU
-    operations) or PyTorch's native kernel; and for bfloat16 weights and several rows,
-    float32_products() or not (float32: None times both, True or False decides). On a GPU nothing
-    is timed, and cuDNN's attention kernel is left out: it makes a plan for every new sequence
-    length, which takes longer than attending, and generation meets one at every step.
-    """
+    """`kernels = FastestKernels(model)`, then `with kernels(rows):` runs its block with the kernels
+    measured fastest for products of `rows` rows (batch x tokens) by this model's weights, and restores
+    the settings after. Which is faster depends on the CPU, so a CPU times both: oneDNN (Intel's "one
+    Deep Neural Network library", which PyTorch calls for many CPU operations) or PyTorch's native
+    kernel; and for bfloat16 weights and several rows, float32_products() or not (float32: None times
+    both, True or False decides). On a GPU nothing is timed, and cuDNN's attention is left out: it
+    plans anew for every sequence length, longer than attending, and generation meets one a step."""
 
     clock = staticmethod(time.perf_counter)
 
@@ -1109,7 +1099,7 @@ class FastestKernels:
             use_onednn, float32 = self.choose(rows, prepacked)
             torch.backends.mkldnn.enabled = use_onednn
             if self.model.tok_emb.weight.device.type == "cpu":
-                self.ran[rows] = ("oneDNN" + " on prepacked weights" * self.prepacks(prepacked) if use_onednn
+                self.ran[rows] = ("oneDNN" + " on prepacked weights" * prepacked if use_onednn
                                   else "PyTorch's native") + (" in float32" * float32)
             with float32_products() if float32 else contextlib.nullcontext():
                 yield
@@ -1117,21 +1107,15 @@ class FastestKernels:
             torch.backends.mkldnn.enabled = onednn
             torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
-    def prepacks(self, prepacked):
-        """Whether oneDNN's candidate runs on prepacked weights: in a step compiled with frozen
-        bfloat16 weights (CompiledDecodeStep), where oneDNN has bfloat16 kernels."""
-        return prepacked and self.model.tok_emb.weight.dtype == torch.bfloat16 and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
     @torch.inference_mode()
     def choose(self, rows, prepacked=False):
         """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more count
         as 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
         then `rounds` times, each time another block's (weights from memory, not a cache); its best
         time counts; after two timed rounds one twice as slow runs no more; the first keeps a tie.
-        prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead of time,
-        which can make oneDNN the faster kernel where it is the slower one on weights as they are."""
-        weight, onednn, prepacked = self.model.tok_emb.weight, torch.backends.mkldnn.enabled, self.prepacks(prepacked)
+        prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead of time (which
+        can make oneDNN the faster kernel where it is the slower one on weights as they are)."""
+        weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
         candidates = [(onednn, False), (False, False)] if onednn else [(False, False)]
@@ -1167,9 +1151,8 @@ class FastestKernels:
 
 
 def prepacked_product(linear, rows):
-    """linear's product as a step compiled with frozen weights runs it where oneDNN is on: by a copy
-    of the weight laid out ahead of time for products of `rows` rows (inductor's freezing makes the
-    same copy, and calls the same kernel)."""
+    """linear's product as a step compiled with frozen weights runs it with oneDNN: by a copy of the weight
+    laid out ahead of time for `rows` rows (the copy and the kernel that inductor's freezing uses)."""
     weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
@@ -1193,18 +1176,15 @@ def decode_one_token(model, token, cache, attn_mask=None):
 
 
 class CompiledDecodeStep:
-    """decode_one_token through torch.compile (section 2.9), compiled at its first call; where
-    compiling fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token
-    itself, after one warning naming what failed. mode="max-autotune": inductor also times its own
-    code for matrix products against the libraries'. On a CPU the weights are frozen into the
-    compiled code, so each generation checks that they are still the model's (see below). Each
-    number of rows (prompts) compiles code of its own: in torch 2.13 code compiled for one row,
-    then made to serve a padded batch, failed.
-    """
+    """decode_one_token through torch.compile (section 2.9), compiled at its first call; where compiling
+    fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token itself, after
+    a warning naming what failed. mode="max-autotune": inductor also times its own matrix products.
+    On a CPU the weights are frozen into the compiled code, so each generation checks that they are
+    still the model's. Each number of rows (prompts) compiles its own code: in torch 2.13 code
+    compiled for one row failed on a padded batch."""
 
-    def __init__(self, mode=None):
-        self.mode, self.compiled, self.weights, self.rows = mode, None, None, None  # compiled: False once it failed
-        self.prepack = False
+    def __init__(self, mode=None):  # compiled: None until the first call, False once compiling failed
+        self.mode, self.compiled, self.weights, self.rows, self.prepack = mode, None, None, None, False
 
     def for_weights_of(self, model, rows):
         """This step, compiled (again) for `rows` rows (prompts), or where the model's weights are not
@@ -1216,22 +1196,22 @@ class CompiledDecodeStep:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
             # Frozen weights are copies: where a tensor's storage, dtype, shape or version (which training
-            # advances) changed, compile a fresh copy of the code (torch.compile keeps its work with it),
-            # named by its rows (torch.compile remembers by name which sizes varied, and would make the
-            # number of rows a variable)
+            # advances) changed, or the rows, compile a fresh copy of the code (torch.compile keeps its work
+            # with it), named by its rows (torch.compile remembers by name which sizes varied)
             code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")
             step = types.FunctionType(code, globals(), "decode_one_token")
             self.compiled, self.weights, self.rows = torch.compile(step, fullgraph=True, mode=self.mode), weights, rows
             self.cpu = model.tok_emb.weight.device.type == "cpu"
-            self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
+            # freezing lays nn.Linear weights out for oneDNN (float32: for MKL), bfloat16 where it has kernels
+            self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules()) and (
+                model.tok_emb.weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return self
 
     def __call__(self, model, token, cache, attn_mask=None):
         if self.compiled:
             try:
-                # current_pos an input of the step, not a constant compiled again per position. CPU: "freezing"
-                # lays nn.Linear weights out for oneDNN ahead of time (where oneDNN runs the step), "cpp_wrapper"
-                # calls kernels from C++; int8 goes through _weight_int8pack_mm, as inductor's int8 pass would
+                # current_pos an input, not a constant compiled again per position. CPU: "freezing" (where
+                # oneDNN runs the step) prepacks the weights, "cpp_wrapper" calls kernels from C++
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
                         torch._inductor.config.patch(freezing=self.prepack and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
@@ -1270,11 +1250,11 @@ class FastGenerator:
                timings=None):
         """Yield the new tokens step by step, each step a tensor (b, 1): one token per row.
 
-        prompts: token ids (b, T), or b lists of ids of any lengths. eos_token_id: an id or a list;
-        each row ends at its own, not yielded, and then yields -1 (no token) until every row ended.
-        temperature, top_k, top_p: sampling per row (default: greedy). timings: a dict to fill with
-        prompt_tokens, prefill_s, steps, new_tokens (every row's), decode_tokens and decode_s (after
-        each row's first token), and kernels (what ran, for products of how many rows).
+        prompts: token ids (b, T), or b lists of ids of any lengths. eos_token_id: an id or a list; each
+        row ends at its own, not yielded, and then yields -1 (no token) until every row ended. temperature,
+        top_k, top_p: sampling per row (default: greedy). timings: a dict to fill with prompt_tokens,
+        prefill_s, steps, new_tokens (every row's), decode_tokens and decode_s (after each row's first
+        token), and kernels (what ran, for products of how many rows).
         """
         model = self.model
         token_ids, attn_mask = left_padded(prompts, model.tok_emb.weight.device)  # (b, T), (b, T) or None
@@ -1308,8 +1288,7 @@ class FastGenerator:
                 break  # no forward pass for a token nobody asks for
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (0, 1), value=True)  # (b, S + 1): the new token is real
-            frozen = decode is not decode_one_token and decode.prepack  # oneDNN would run prepacked weights
-            with self.kernels(next_token.numel(), frozen):  # rows: one token each
+            with self.kernels(next_token.numel(), decode is not decode_one_token and decode.prepack):  # a row a token
                 logits = decode(model, next_token, self.cache, attn_mask)
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):
@@ -1324,10 +1303,9 @@ class FastGenerator:
 
 
 def speed_report(output_token_ids, start_time, end_time, timings=None, model=None):
-    """Print, and return as a dict, what the command line shows after a generation: time, tokens
-    per second (every row's; -1 marks no token) and, with FastGenerator's timings, time to first
-    token (the prefill), decode speed and the kernels that ran; with the model, the memory bandwidth decoding achieved
-    (weight bytes read per step x steps/s, to compare with the roofline); and peak memory."""
+    """Print, and return as a dict, what the command line shows after a generation: time, tokens per
+    second (every row's; -1 marks no token); with FastGenerator's timings, time to first token, decode
+    speed, the kernels that ran, and with the model the bandwidth decoding reached; peak memory."""
     total_s, tokens = end_time - start_time, int((output_token_ids >= 0).sum())
     stats = {"time_s": total_s, "tokens": tokens, "tokens_per_s": tokens / total_s}
     lines = [f"\n\nTime: {total_s:.2f} sec", f"{stats['tokens_per_s']:.1f} tokens/sec"]
@@ -1397,14 +1375,10 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)                                   # (b * T, in_features)
         if rows.shape[0] <= 4 and x.device.type in ("cpu", "mps"):
-            # Decoding a few rows: a fused kernel multiplies by the int8 weights directly (with
-            # more rows it falls behind the plain product below)
+            # A few rows (decoding): a fused kernel multiplies by the int8 weights directly
             out = torch._weight_int8pack_mm(rows, self.weight, self.scales)
-        else:
-            # The plain idea, which also suits prompts (compute-bound, where that kernel is slow):
-            # x @ (w_int8 * scale).T == (x @ w_int8.T) * scale. Inside float32_products() the
-            # product runs in float32 like every other.
-            out = F.linear(rows, self.weight.to(rows.dtype)) * self.scales
+        else:  # the plain idea, x @ (w_int8 * scale).T == (x @ w_int8.T) * scale, faster for more rows
+            out = F.linear(rows, self.weight.to(rows.dtype)) * self.scales  # (in float32_products(), in float32)
         return out.view(*x.shape[:-1], self.out_features)                      # (b, T, out_features)
 
     def extra_repr(self):
@@ -1450,9 +1424,8 @@ def parse_args(argv=None):
                                          "repo id such as Qwen/Qwen3-1.7B, or a checkpoint folder or .pth file")
     parser.add_argument("--out-dir", default="qwen3", help="where downloads go (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps, ... (default: the best available)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="weights' dtype (default: the checkpoint's, bfloat16); float32 takes twice the "
-                             "memory, and prompts already compute in float32 where that is faster")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="weights' dtype "
+                        "(default: the checkpoint's, bfloat16); float32 takes twice the memory")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or 2048 per chat turn")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.6 to sample")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -1495,9 +1468,8 @@ def load_from_args(args, device):
 
 
 def stream_reply(generator, tokenizer, prompts, args, max_new_tokens):
-    """Generate for one prompt or several (lists of ids) and return the new tokens (b, n), -1 after
-    a row's end, with the timings. One prompt's text is printed as it comes (a model's thinking
-    set apart from its answer); several run as one batch, and main() prints each answer after."""
+    """New tokens (b, n), -1 after a row's end, and timings for prompts (lists of ids). One prompt's text is
+    printed as it comes, its thinking set apart; several run as one batch, main() prints each answer."""
     timings, new_tokens = {}, []
     eos = tokenizer.eos_token_ids if tokenizer else None
     tokens = generator.stream(prompts, max_new_tokens, eos, temperature=args.temperature, top_k=args.top_k,
@@ -1668,8 +1640,7 @@ def _download_with_retries(url, dest, retries):
 
 
 def _download_to(partial, url):
-    """One attempt: append the missing bytes to `partial`. Returns (size, sha256 or None)
-    as the server announced them."""
+    """One attempt: append the missing bytes to `partial`. Returns the server's (size, sha256 or None)."""
     import requests
 
     have = partial.stat().st_size if partial.exists() else 0

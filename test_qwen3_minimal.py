@@ -2129,24 +2129,29 @@ def fake_prepacking(monkeypatch):
     return clock, made
 
 
-@pytest.mark.parametrize("bfloat16_kernels", [True, False], ids=["oneDNN has bfloat16 kernels", "it has none"])
-def test_a_frozen_step_times_onednn_on_weights_prepacked_as_freezing_leaves_them(bfloat16_kernels, monkeypatch):
+def test_a_frozen_step_times_onednn_on_weights_prepacked_as_freezing_leaves_them(monkeypatch):
     """oneDNN slower than the native kernel on weights as they are, faster on copies laid out for it
-    ahead of time: an eager step runs the native kernel, a step compiled with frozen weights oneDNN;
-    where oneDNN has no bfloat16 kernels freezing prepacks nothing."""
+    ahead of time: an eager step runs the native kernel, a step compiled with frozen weights oneDNN."""
     model = peaked_model(dtype=torch.bfloat16, n_layers=4)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bfloat16_kernels)
     clock, made = fake_prepacking(monkeypatch)
     kernels = q.FastestKernels(model)
     kernels.clock = clock
     assert kernels.choose(1) == (False, False) and not made
-    assert kernels.choose(1, prepacked=True) == ((True, False) if bfloat16_kernels else (False, False))
+    assert kernels.choose(1, prepacked=True) == (True, False)
     runs = [model.trf_blocks[i] for i in (0, 2, 0, 2, 0)]  # oneDNN's: one untimed, four timed, every other block
-    assert made == ([(w.shape, 1) for block in runs for w in [*block.att.parameters(), *block.ff.parameters()]
-                     if w.dim() == 2] if bfloat16_kernels else [])
+    assert made == [(w.shape, 1) for block in runs for w in [*block.att.parameters(), *block.ff.parameters()]
+                    if w.dim() == 2]
     with kernels(1, prepacked=True):
-        assert torch.backends.mkldnn.enabled == bfloat16_kernels
-    assert kernels.ran == {1: "oneDNN on prepacked weights" if bfloat16_kernels else "PyTorch's native"}
+        assert torch.backends.mkldnn.enabled
+    assert kernels.ran == {1: "oneDNN on prepacked weights"}
+
+
+@pytest.mark.parametrize("bfloat16_kernels", [True, False], ids=["oneDNN has bfloat16 kernels", "it has none"])
+def test_freezing_prepacks_linear_weights_where_onednn_has_kernels_for_them(bfloat16_kernels, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bfloat16_kernels)
+    for model, prepacks in [(peaked_model(dtype=torch.bfloat16), bfloat16_kernels), (peaked_model(), True),
+                            (q.quantize_int8(peaked_model(dtype=torch.bfloat16)), False)]:
+        assert q.CompiledDecodeStep().for_weights_of(model, rows=1).prepack == prepacks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + [torch.bfloat16] * torch.ops.mkldnn._is_mkldnn_bf16_supported())
