@@ -1962,15 +1962,18 @@ def test_compiled_int8_steps_multiply_by_the_int8_weights_in_one_kernel():
     assert torch.equal(tokens, q.FastGenerator(model).generate(prompt_ids(), 4))
 
 
-def test_a_missing_c_compiler_falls_back_to_eager_with_one_warning_naming_it():
+def test_a_missing_c_compiler_falls_back_to_eager_with_one_warning_naming_it(monkeypatch):
     model = peaked_model()
     expected = q.generate_text_basic_cache(model, prompt_ids(), 8)
     generator = q.FastGenerator(model, compile=True)
+    generator.kernels.clock = fake_prepacking(monkeypatch)[0]  # oneDNN only where frozen weights are prepacked
     with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",), "force_disable_caches": True}), \
             warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         assert torch.equal(generator.generate(prompt_ids(), 8), expected)
-        assert torch.equal(generator.generate(prompt_ids(), 8), expected)  # eager from then on, unwarned
+        timings = {}  # eager from then on, unwarned, with the eager step's kernel
+        assert torch.equal(generator.generate(prompt_ids(), 8, timings=timings), expected)
+        assert timings["kernels"] == {7: "PyTorch's native", 1: "PyTorch's native"}
     failed = [str(w.message) for w in warned if "torch.compile failed" in str(w.message)]
     assert failed == ["torch.compile failed, running without it (InvalidCxxCompiler: No working C++ compiler "
                       "found in torch._inductor.config.cpp.cxx: ('no-such-c++',))"]
