@@ -1134,7 +1134,7 @@ class FastestKernels:
                 if i < 3 * len(candidates) or best[candidate] <= 2 * min(best.values()):
                     torch.backends.mkldnn.enabled = candidate[0]
                     block = blocks[i % len(blocks)]  # nn.Linear, or Int8Linear (below)
-                    products = [prepacked_product(linear, rows) if prepacked and candidate[0] and
+                    products = [prepacked_product(linear, rows) if prepacked and candidate == (True, False) and
                                 isinstance(linear, nn.Linear) else linear for linear in block]  # untimed
                     with float32_products() if candidate[1] else contextlib.nullcontext():
                         start = self.clock()

@@ -1818,6 +1818,7 @@ def test_a_compiled_generator_serves_a_padded_batch_without_recompiling_per_toke
 def test_a_compiled_generator_serves_batches_of_any_size_in_turn(faster):
     """One prompt, then two of different lengths (padded), then one: each number of rows compiles
     its own step (in torch 2.13 a step compiled for one row failed on a padded batch)."""
+    torch._dynamo.reset()  # torch.compile forgets which sizes varied in earlier tests
     model = peaked_model(dtype=torch.bfloat16)
     generator, eager = q.FastGenerator(model, compile=True), q.FastGenerator(model)
     generator.kernels.clock = eager.kernels.clock = fake_clock(KERNELS_FASTEST[faster][0])
@@ -2146,6 +2147,9 @@ def test_a_frozen_step_times_onednn_on_weights_prepacked_as_freezing_leaves_them
     with kernels(1, prepacked=True):
         assert torch.backends.mkldnn.enabled
     assert kernels.ran == {1: "oneDNN on prepacked weights"}
+    made.clear()  # 3 rows count as 4; the float32 candidate runs float32 products, not prepacked ones
+    assert kernels.choose(3, prepacked=True) == (True, False)
+    assert made == [(shape, 4) for shape, _ in made] and len(made) == 5 * 7  # oneDNN's five runs of 7 products
 
 
 @pytest.mark.parametrize("bfloat16_kernels", [True, False], ids=["oneDNN has bfloat16 kernels", "it has none"])
@@ -2452,6 +2456,28 @@ def test_bench_leaves_out_a_peer_that_fails_and_keeps_the_other_rows(tmp_path, m
     assert "book package bfloat16: failed, left out (RuntimeError: an API of theirs changed)" in out
     names = [row["name"] for row in json.loads((tmp_path / "out.json").read_text())["rows"]]
     assert names == ["ours bfloat16", "ours bfloat16, the chapter's loop", "ours float32", "ours int8"]
+
+
+def test_bench_runs_many_prompts_through_one_generator_compiled_where_asked(tmp_path, monkeypatch, capsys):
+    bench = import_bench()
+    made = []
+
+    class Recorded(q.FastGenerator):
+        def __init__(self, model, compile=False, **kwargs):
+            made.append(compile)
+            super().__init__(model, **kwargs)  # eager: what counts here is what bench.py asked for
+
+    monkeypatch.setattr(q, "FastGenerator", Recorded)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    for compile in (False, True):
+        made.clear()
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--repeats", "1", "--batch", "3", "1", "--json",
+                                          str(tmp_path / "out.json")] + ["--compile"] * compile)
+        bench.main()
+        report = json.loads((tmp_path / "out.json").read_text())
+        assert made == [compile] and report["compiled"] is compile  # one generator for every batch size
+        assert [row["batch"] for row in report["batches"]] == [1, 3] and all(row["decode"] > 0 for row in report["batches"])
+        assert ("(compiled)" in capsys.readouterr().out) == compile
 
 
 def test_bench_runs_only_the_rows_asked_for(tmp_path, monkeypatch, capsys):
