@@ -1195,16 +1195,17 @@ class CompiledDecodeStep:
             if self.weights not in (None, weights):
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (which training
-            # advances) changed, or the rows, compile a fresh copy of the code (torch.compile keeps its work
-            # with it), named by its rows (torch.compile remembers by name which sizes varied)
+            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (training advances
+            # it) or the rows changed, compile a fresh copy of the code, named by its rows (torch.compile
+            # remembers by name which sizes varied)
             code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")
             step = types.FunctionType(code, globals(), "decode_one_token")
             self.compiled, self.weights, self.rows = torch.compile(step, fullgraph=True, mode=self.mode), weights, rows
             self.cpu = model.tok_emb.weight.device.type == "cpu"
-            # freezing lays nn.Linear weights out for oneDNN (float32: for MKL), bfloat16 where it has kernels
-            self.prepack = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules()) and (
-                model.tok_emb.weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            self.freeze = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
+            # freezing lays those weights out for oneDNN (float32: for MKL), bfloat16 where oneDNN has kernels
+            self.prepack = self.freeze and (model.tok_emb.weight.dtype == torch.float32 or
+                                            torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return self
 
     def __call__(self, model, token, cache, attn_mask=None):
@@ -1213,7 +1214,7 @@ class CompiledDecodeStep:
                 # current_pos an input, not a constant compiled again per position. CPU: "freezing" (where
                 # oneDNN runs the step) prepacks the weights, "cpp_wrapper" calls kernels from C++
                 with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
-                        torch._inductor.config.patch(freezing=self.prepack and torch.backends.mkldnn.enabled,
+                        torch._inductor.config.patch(freezing=self.freeze and torch.backends.mkldnn.enabled,
                                                      cpp_wrapper=self.cpu):
                     return self.compiled(model, token, cache, attn_mask)
             except torch._dynamo.exc.TorchDynamoException as exc:
@@ -1292,9 +1293,8 @@ class FastGenerator:
                 logits = decode(model, next_token, self.cache, attn_mask)
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):
-        """Return the new tokens: for a tensor of prompts a tensor (b, n), -1 after a row's end;
-        for a list of prompts a list of lists, each row's tokens up to its end. Options as for
-        stream()."""
+        """Return the new tokens: for a tensor of prompts a tensor (b, n), -1 after a row's end; for a
+        list of prompts a list of lists, each row's tokens up to its end. Options as for stream()."""
         tokens = self.stream(prompts, max_new_tokens, eos_token_id, **options)
         if isinstance(prompts, torch.Tensor):
             return concat_new_tokens(list(tokens), prompts)

@@ -2155,9 +2155,11 @@ def test_a_frozen_step_times_onednn_on_weights_prepacked_as_freezing_leaves_them
 @pytest.mark.parametrize("bfloat16_kernels", [True, False], ids=["oneDNN has bfloat16 kernels", "it has none"])
 def test_freezing_prepacks_linear_weights_where_onednn_has_kernels_for_them(bfloat16_kernels, monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bfloat16_kernels)
-    for model, prepacks in [(peaked_model(dtype=torch.bfloat16), bfloat16_kernels), (peaked_model(), True),
-                            (q.quantize_int8(peaked_model(dtype=torch.bfloat16)), False)]:
-        assert q.CompiledDecodeStep().for_weights_of(model, rows=1).prepack == prepacks
+    for model, prepacks, freezes in [(peaked_model(dtype=torch.bfloat16), bfloat16_kernels, True),
+                                     (peaked_model(), True, True),
+                                     (q.quantize_int8(peaked_model(dtype=torch.bfloat16)), False, False)]:
+        step = q.CompiledDecodeStep().for_weights_of(model, rows=1)
+        assert (step.prepack, step.freeze) == (prepacks, freezes)  # frozen with oneDNN on, prepacked or not
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + [torch.bfloat16] * torch.ops.mkldnn._is_mkldnn_bf16_supported())
