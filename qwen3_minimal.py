@@ -215,7 +215,7 @@ class Qwen3Tokenizer:
 
 # =============================================================================================
 # 3. Model parts, from small to large (figure 2.8, read bottom to top)
-# Qwen3 is a decoder-only transformer: token embedding, 28 identical transformer blocks, a final
+# Qwen3 is a decoder-only transformer: token embedding, n_layers identical blocks (28 in 0.6B), a final
 # norm and a linear output head. Each block is "pre-norm": it normalizes its input before
 # attention and before the feedforward, and adds each result back to its input. That running sum,
 # which flows from the embedding through every block to the head, is the "residual stream".
@@ -468,8 +468,8 @@ class TransformerBlock(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    """Qwen3 as in figure 2.8. cfg is a config dict such as QWEN_CONFIG_06_B (right below this
-    class, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...).
+    """Qwen3 as in figure 2.8. cfg is a config dict such as QWEN_CONFIG_06_B (below, after
+    left_padded, one comment per key); the parts above read the same keys (emb_dim, n_heads, ...).
 
     model(token_ids) returns logits (b, T, vocab_size). With a KV cache, as in section 2.8,
     model(token_ids, cache=cache) continues the sequence at model.current_pos, the number of
@@ -1048,8 +1048,8 @@ def generate_stats(output_token_ids, tokenizer, start_time, end_time):
 # 7. Speed and memory, beyond the chapter
 # The chapter's loops are right but leave speed on the table. The prefill multiplies each weight
 # matrix by many token vectors at once: arithmetic is its limit. A decode step multiplies it by one
-# vector per row, two operations per weight read: at best (bytes of weights) / (memory bandwidth),
-# the "roofline". FastGenerator runs the chapter's cached loop as gpt-fast does: the caller holds
+# vector per row, two operations per weight read: it takes at least (bytes of weights) / (memory
+# bandwidth), the "roofline". FastGenerator runs the chapter's cached loop as gpt-fast does: the caller holds
 # what speed keeps between calls (a KVCache allocated once per generation, the kernels measured
 # fastest here, the compiled decode step); the head scores the last position only; several prompts
 # run as one batch; the model and global settings are left as they were. Then come the speed
@@ -1075,20 +1075,27 @@ class float32_products(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def prepacked_product(linear, rows):
+    """x -> linear(x) as a compiled step with frozen weights computes it where oneDNN runs: oneDNN's kernel
+    on a copy of the weight laid out ahead of time for `rows` rows, as inductor's freezing makes it."""
+    weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 class FastestKernels:
-    """`kernels = FastestKernels(model)`, then `with kernels(rows):` runs its block with the kernels
+    """`kernels = FastestKernels(model)`, then `with kernels(rows):` runs its body with the kernels
     measured fastest for products of `rows` rows (batch x tokens) by this model's weights, and restores
     the settings after. Which is faster depends on the CPU, so a CPU times both: oneDNN (Intel's "one
     Deep Neural Network library", which PyTorch calls for many CPU operations) or PyTorch's native
     kernel; and for bfloat16 weights and several rows, float32_products() or not (float32: None times
-    both, True or False decides). On a GPU nothing is timed, and cuDNN's attention is left out: it
-    plans anew for every sequence length, longer than attending, and generation meets one a step."""
+    both, True or False decides). On a GPU nothing is timed, and cuDNN's attention is left out: its
+    plan for each new sequence length costs more than attending, and decoding meets one a step."""
 
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, model, float32=None, rounds=4):
         self.model, self.float32, self.rounds = model, float32, rounds
-        self.chosen = {}  # (rounded rows, oneDNN allowed) -> (oneDNN on, float32 products)
+        self.chosen = {}  # (rounded rows, oneDNN allowed, prepacked) -> (oneDNN on, float32 products)
         self.ran = {}     # rows -> what ran, in words, for speed_report
 
     @contextlib.contextmanager
@@ -1112,9 +1119,9 @@ class FastestKernels:
         """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more count
         as 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
         then `rounds` times, each time another block's (weights from memory, not a cache); its best
-        time counts; after two timed rounds one twice as slow runs no more; the first keeps a tie.
-        prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead of time (which
-        can make oneDNN the faster kernel where it is the slower one on weights as they are)."""
+        time counts; after two timed rounds one twice as slow runs no more; the first stays unless another
+        is over 5% faster. prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead
+        of time (which can make oneDNN the faster kernel where it is the slower one on weights as they are)."""
         weight, onednn = self.model.tok_emb.weight, torch.backends.mkldnn.enabled
         if weight.device.type != "cpu":
             return onednn, False
@@ -1150,13 +1157,6 @@ class FastestKernels:
         return self.chosen[key]
 
 
-def prepacked_product(linear, rows):
-    """linear's product as a step compiled with frozen weights runs it with oneDNN: by a copy of the weight
-    laid out ahead of time for `rows` rows (the copy and the kernel that inductor's freezing uses)."""
-    weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
 def _synchronize(device):
     """Wait for the accelerator to finish (its work runs asynchronously), so timings are true."""
     if device.type in ("cuda", "mps", "xpu"):
@@ -1187,8 +1187,8 @@ class CompiledDecodeStep:
         self.mode, self.compiled, self.weights, self.rows, self.prepack = mode, None, None, None, False
 
     def for_weights_of(self, model, rows):
-        """This step, compiled (again) for `rows` rows (prompts), or where the model's weights are not
-        those compiled in (with a warning)."""
+        """Return this step, compiled again where `rows` (prompts) or the model's weights differ from
+        the last compile (a weight change also warns)."""
         weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
                    for t in [*model.parameters(), *model.buffers()]]
         if self.compiled is not False and (weights, rows) != (self.weights, self.rows):
@@ -1231,14 +1231,14 @@ class CompiledDecodeStep:
 
 
 class FastGenerator:
-    """The chapter's cached loop for our Qwen3Model, made fast: its tokens, up to rounding.
+    """The chapter's cached loop for our Qwen3Model, made fast: generate_text_basic_cache's tokens, up to rounding.
 
         generator = FastGenerator(model, compile=True)   # held by the caller, reused across calls
         new_tokens = generator.generate(token_ids, max_new_tokens=64)
         answers = generator.generate([tokenizer.encode(q) for q in questions], max_new_tokens=64)
 
     Several prompts run as one batch: a decode step reads every weight once however many rows it
-    serves. compile: True or "max-autotune" (CompiledDecodeStep). float32_products: FastestKernels'.
+    serves. compile: True or "max-autotune" (CompiledDecodeStep). float32_products: None (timed), True, False.
     """
 
     def __init__(self, model, compile=False, float32_products=None):
@@ -1289,7 +1289,7 @@ class FastGenerator:
                 break  # no forward pass for a token nobody asks for
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (0, 1), value=True)  # (b, S + 1): the new token is real
-            with self.kernels(next_token.numel(), decode is not decode_one_token and decode.prepack):  # a row a token
+            with self.kernels(next_token.numel(), decode is not decode_one_token and decode.prepack):  # rows: b
                 logits = decode(model, next_token, self.cache, attn_mask)
 
     def generate(self, prompts, max_new_tokens, eos_token_id=None, **options):
