@@ -1180,32 +1180,35 @@ class CompiledDecodeStep:
     fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token itself, after
     a warning naming what failed. mode="max-autotune": inductor also times its own matrix products.
     On a CPU the weights are frozen into the compiled code, so each generation checks that they are
-    still the model's. Each number of rows (prompts) compiles its own code: in torch 2.13 code
+    still the model's. Each number of rows (prompts) compiles its own code, once: in torch 2.13 code
     compiled for one row failed on a padded batch."""
 
     def __init__(self, mode=None):  # compiled: None until the first call, False once compiling failed
-        self.mode, self.compiled, self.weights, self.rows, self.prepack = mode, None, None, None, False
+        self.mode, self.compiled, self.weights, self.steps, self.prepack = mode, None, None, {}, False
 
     def for_weights_of(self, model, rows):
-        """Return this step, compiled again where `rows` (prompts) or the model's weights differ from
-        the last compile (a weight change also warns)."""
+        """Return this step for `rows` rows (prompts), compiled where the model's weights changed since
+        the last compile (which also warns) or no step for as many rows was compiled yet."""
         weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
                    for t in [*model.parameters(), *model.buffers()]]
-        if self.compiled is not False and (weights, rows) != (self.weights, self.rows):
-            if self.weights not in (None, weights):
+        if self.compiled is not False and weights != self.weights:
+            if self.weights is not None:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (training advances
-            # it) or the rows changed, compile a fresh copy of the code, named by its rows (torch.compile
-            # remembers by name which sizes varied)
-            code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")
-            step = types.FunctionType(code, globals(), "decode_one_token")
-            self.compiled, self.weights, self.rows = torch.compile(step, fullgraph=True, mode=self.mode), weights, rows
+            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (training
+            # advances it) changed, every step compiled from the old ones is dropped
+            self.steps, self.weights = {}, weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
             self.freeze = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
             # freezing lays those weights out for oneDNN (float32: for MKL), bfloat16 where oneDNN has kernels
             self.prepack = self.freeze and (model.tok_emb.weight.dtype == torch.float32 or
                                             torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if self.compiled is not False:
+            if rows not in self.steps:  # a copy of the code, named by its rows (torch.compile remembers
+                code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")  # by name which sizes varied)
+                step = types.FunctionType(code, globals(), "decode_one_token")
+                self.steps[rows] = torch.compile(step, fullgraph=True, mode=self.mode)
+            self.compiled = self.steps[rows]
         return self
 
     def __call__(self, model, token, cache, attn_mask=None):

@@ -1816,8 +1816,8 @@ def test_a_compiled_generator_serves_a_padded_batch_without_recompiling_per_toke
 @compiles
 @pytest.mark.parametrize("faster", ["oneDNN", "native"])
 def test_a_compiled_generator_serves_batches_of_any_size_in_turn(faster):
-    """One prompt, then two of different lengths (padded), then one: each number of rows compiles
-    its own step (in torch 2.13 a step compiled for one row failed on a padded batch)."""
+    """One prompt, then two of different lengths (padded), then one and two again: each number of rows
+    compiles its own step, once (in torch 2.13 a step compiled for one row failed on a padded batch)."""
     torch._dynamo.reset()  # torch.compile forgets which sizes varied in earlier tests
     model = peaked_model(dtype=torch.bfloat16)
     generator, eager = q.FastGenerator(model, compile=True), q.FastGenerator(model)
@@ -1825,10 +1825,13 @@ def test_a_compiled_generator_serves_batches_of_any_size_in_turn(faster):
     one, other = prompt_ids()[0].tolist(), prompt_ids(length=4, seed=6)[0].tolist()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "torch.compile failed|the model's weights changed")  # no fallback, no warning
-        for prompts in ([one], [one, other], [one]):
+        compiled = []
+        for prompts in ([one], [one, other], [one], [one, other]):
             tokens = torch.tensor(eager.generate(prompts, 6))
             expected = teacher_forced_logits(lambda: eager.generate(prompts, 6), tokens)
             assert_bfloat16_steps_agree(teacher_forced_logits(lambda: generator.generate(prompts, 6), tokens), expected)
+            compiled.append(compile_count())
+    assert compiled[3] == compiled[1] > compiled[0]  # the sizes seen before compile nothing more
 
 
 def test_fast_generator_feeds_one_token_per_step_into_one_cache_allocated_once():
