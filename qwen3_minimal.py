@@ -1187,28 +1187,25 @@ class CompiledDecodeStep:
         self.mode, self.compiled, self.weights, self.steps, self.prepack = mode, None, None, {}, False
 
     def for_weights_of(self, model, rows):
-        """Return this step for `rows` rows (prompts), compiled where the model's weights changed since
-        the last compile (which also warns) or no step for as many rows was compiled yet."""
+        """This step for `rows` rows (prompts), compiled anew for new rows or weights (which also warns)."""
         weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
                    for t in [*model.parameters(), *model.buffers()]]
         if self.compiled is not False and weights != self.weights:
             if self.weights is not None:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
                               "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # Frozen weights are copies: where a tensor's storage, dtype, shape or version (training
-            # advances it) changed, every step compiled from the old ones is dropped
+            # Frozen weights are copies: a tensor's new storage, dtype, shape or version (training) drops every step
             self.steps, self.weights = {}, weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
             self.freeze = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
             # freezing lays those weights out for oneDNN (float32: for MKL), bfloat16 where oneDNN has kernels
             self.prepack = self.freeze and (model.tok_emb.weight.dtype == torch.float32 or
                                             torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if self.compiled is not False:
-            if rows not in self.steps:  # a copy of the code, named by its rows (torch.compile remembers
-                code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")  # by name which sizes varied)
-                step = types.FunctionType(code, globals(), "decode_one_token")
-                self.steps[rows] = torch.compile(step, fullgraph=True, mode=self.mode)
-            self.compiled = self.steps[rows]
+        if self.compiled is not False and rows not in self.steps:  # a copy of the code, named by its rows
+            code = decode_one_token.__code__.replace(co_name=f"decode_{rows}_rows")  # (torch.compile remembers
+            step = types.FunctionType(code, globals(), "decode_one_token")           # by name which sizes varied)
+            self.steps[rows] = torch.compile(step, fullgraph=True, mode=self.mode)
+        self.compiled = self.steps.get(rows, self.compiled)  # False once compiling failed
         return self
 
     def __call__(self, model, token, cache, attn_mask=None):
@@ -1229,7 +1226,7 @@ class CompiledDecodeStep:
                     cause = getattr(exc, "inner_exception", exc)  # what the compiler itself raised
                     warnings.warn(f"torch.compile failed, running without it ({type(cause).__name__}: "
                                   f"{(str(cause).strip().splitlines() or [''])[0][:160]})", stacklevel=2)
-                    self.compiled = self.prepack = False
+                    self.compiled, self.prepack, self.steps = False, False, {}
         return decode_one_token(model, token, cache, attn_mask)
 
 
