@@ -100,7 +100,7 @@ class Qwen3Tokenizer:
     tokenizer_file_path: the book's tokenizer-base.json or tokenizer-reasoning.json, or an
     official checkpoint's tokenizer.json. apply_chat_template: wrap every encoded prompt as a user
     turn of the chat template, ending with the assistant header if add_generation_prompt, and
-    with the think block left to the model if add_thinking (else closed empty).
+    with the think block left to the model if add_thinking (else, with that header, closed empty).
     """
 
     def __init__(self, tokenizer_file_path="tokenizer-base.json", apply_chat_template=False,
@@ -1116,8 +1116,8 @@ class FastestKernels:
 
     @torch.inference_mode()
     def choose(self, rows, prepacked=False):
-        """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (32 or more count
-        as 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
+        """(oneDNN on, float32 products) for `rows` rows, timed once per power of two (rows rounded up to
+        one, at most 32). Each candidate runs one block's products once untimed (oneDNN prepares its kernels),
         then `rounds` times, each time another block's (weights from memory, not a cache); its best
         time counts; after two timed rounds one twice as slow runs no more; the first stays unless another
         is over 5% faster. prepacked: for a compiled step whose weights freezing lays out for oneDNN ahead
@@ -1179,22 +1179,22 @@ class CompiledDecodeStep:
     """decode_one_token through torch.compile (section 2.9), compiled at its first call; where compiling
     fails (a CPU needs a C compiler and Python's headers, a GPU Triton), decode_one_token itself, after
     a warning naming what failed. mode="max-autotune": inductor also times its own matrix products.
-    On a CPU the weights are frozen into the compiled code, so each generation checks that they are
-    still the model's. Each number of rows (prompts) compiles its own code, once: in torch 2.13 code
-    compiled for one row failed on a padded batch."""
+    On a CPU with oneDNN on, nn.Linear weights are frozen into the compiled code, so each generation
+    checks the model's weights and compiles again after a change. Each number of rows (prompts) compiles
+    its own code, once: in torch 2.13 code compiled for one row failed on a padded batch."""
 
     def __init__(self, mode=None):  # compiled: None until the first call, False once compiling failed
         self.mode, self.compiled, self.weights, self.steps, self.prepack = mode, None, None, {}, False
 
     def for_weights_of(self, model, rows):
-        """This step for `rows` rows (prompts), compiled anew for new rows or weights (which also warns)."""
+        """This step for `rows` prompts, set to compile at its first call if new; changed weights drop all (warned)."""
         weights = [(t.data_ptr(), t.dtype, t.shape, None if t.is_inference() else t._version)
                    for t in [*model.parameters(), *model.buffers()]]
         if self.compiled is not False and weights != self.weights:
             if self.weights is not None:
                 warnings.warn("the model's weights changed since its decode step was compiled with copies of them: "
-                              "compiling it again (without compile=True, a model that trains never waits)", stacklevel=3)
-            # Frozen weights are copies: a tensor's new storage, dtype, shape or version (training) drops every step
+                              "compiling it again (while training, generate without compile=True)", stacklevel=3)
+            # Frozen weights are copies: any change of a tensor's storage, dtype, shape or version (training) counts
             self.steps, self.weights = {}, weights
             self.cpu = model.tok_emb.weight.device.type == "cpu"
             self.freeze = self.cpu and any(isinstance(module, nn.Linear) for module in model.modules())
@@ -1468,7 +1468,7 @@ def load_from_args(args, device):
 
 
 def stream_reply(generator, tokenizer, prompts, args, max_new_tokens):
-    """New tokens (b, n), -1 after a row's end, and timings for prompts (lists of ids). One prompt's text is
+    """New tokens (b, n), -1 after a row's end, and timings for prompts (ids (b, T) or lists). One prompt's text is
     printed as it comes, its thinking set apart; several run as one batch, main() prints each answer."""
     timings, new_tokens = {}, []
     eos = tokenizer.eos_token_ids if tokenizer else None
